@@ -1,0 +1,5 @@
+import sys
+
+from minquant.cli import main
+
+sys.exit(main())

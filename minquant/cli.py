@@ -1,0 +1,85 @@
+"""The `minquant` command. Each subcommand is a thin layer over a library function.
+
+    minquant memory meta-llama/Llama-2-70b-hf     # bytes per format, GPUs needed, decode bound
+    minquant memory smollm2-135m --group-size 64 --linears-only
+    minquant demo                                 # what `make demo` runs
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from minquant import memory
+
+DEMO_PROMPT = "Explain in one sentence why a 70B-parameter model does not fit on one 24 GB GPU."
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+    from minquant.models import load_config
+
+    cfg = load_config(args.model)
+    print(memory.memory_table(cfg, args.model, group_size=args.group_size, context=args.context,
+                              batch=args.batch, linears_only=args.linears_only))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    import torch
+
+    from minquant.models import load_config, load_model
+
+    for name, group_size in (("smollm2-135m", 64), ("meta-llama/Llama-2-70b-hf", 128)):
+        print(memory.memory_table(load_config(name), name, group_size=group_size), end="\n\n")
+
+    print(f"Generating from smollm2-135m (fp32, greedy, {args.max_new_tokens} new tokens)...")
+    start = time.perf_counter()
+    model, tokenizer = load_model("smollm2-135m")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                        add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    print(f"\nprompt: {args.prompt}")
+    print(f"smollm2-135m fp32: {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}")
+    print(f"\n(load and generate: {time.perf_counter() - start:.1f} s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minquant", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("memory", help="bytes of a model in each format, and the GPUs that hold it",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "examples:\n  minquant memory meta-llama/Llama-2-70b-hf\n"
+                           "  minquant memory smollm2-135m --group-size 64 --linears-only\n"
+                           "  minquant memory ./my-model-folder --context 32768 --batch 8"))
+    p.add_argument("model", help="packaged name (smollm2-135m), local folder, or Hugging Face id")
+    p.add_argument("--group-size", type=int, default=128, help="group size of integer formats, -1 = per channel")
+    p.add_argument("--context", type=int, default=4096, help="tokens held in the KV cache")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
+    p.add_argument("--linears-only", action="store_true", help="keep embeddings and lm_head in fp16")
+    p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser("demo", help="the memory table and a generation from the packaged SmolLM2",
+                       epilog="example:\n  minquant demo --max-new-tokens 40",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, OSError) as e:
+        print(f"minquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Byte accounting: how many parameters a model has, and how many bytes they take.
+
+Derived step by step in notebooks/01_bytes_and_memory.ipynb.
+
+Everything here works from a Hugging Face config alone (no weights), so it answers "does a
+70B model fit on my GPU?" in microseconds and offline. The parameter count is exact: the tests
+compare `param_shapes` tensor by tensor against real and randomly initialised models.
+
+Units: bytes are counted exactly; "GB" means 10**9 bytes, as model sizes are usually quoted
+(Llama-2-70B: 68.98e9 parameters * 4 bytes = 275.9 GB in fp32, the "280 GB" of folklore).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GB = 10**9
+
+# Bits per stored weight value for each format we account for.
+FORMAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
+SCALE_BITS = 16  # one fp16 scale per group (or per output channel): the GPTQ/AWQ convention
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gb: float  # the label on the box; usable memory is a little less (CUDA context, allocator)
+    bandwidth_gbs: float  # peak memory bandwidth from the vendor's data sheet, GB/s
+
+
+# One common card for each memory size people ask about: 24, 48, 80 and 141 GB.
+GPUS = (
+    GPU("RTX 4090", 24, 1008),
+    GPU("L40S", 48, 864),
+    GPU("H100 SXM", 80, 3350),
+    GPU("H200", 141, 4800),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter shapes, per architecture family
+# ---------------------------------------------------------------------------------------------
+
+def _linear(name: str, n_in: int, n_out: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    """An nn.Linear's parameters: weight (out, in) and optionally bias (out,)."""
+    shapes = {f"{name}.weight": (n_out, n_in)}
+    if bias:
+        shapes[f"{name}.bias"] = (n_out,)
+    return shapes
+
+
+def _norm(name: str, dim: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.weight": (dim,), **({f"{name}.bias": (dim,)} if bias else {})}
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _llama_like(cfg) -> tuple[dict, dict]:
+    """Llama, Mistral, Qwen2: RMSNorm (no bias), gated MLP, grouped-query attention."""
+    H, I, d = cfg.hidden_size, cfg.intermediate_size, _head_dim(cfg)
+    n_q, n_kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    if cfg.model_type == "qwen2":  # Qwen2 has biases on q, k, v but not on o
+        qkv_bias, o_bias, mlp_bias = True, False, False
+    else:
+        qkv_bias = o_bias = getattr(cfg, "attention_bias", False)
+        mlp_bias = getattr(cfg, "mlp_bias", False)
+    top = {"model.embed_tokens.weight": (cfg.vocab_size, H), **_norm("model.norm", H, False)}
+    if not cfg.tie_word_embeddings:
+        top["lm_head.weight"] = (cfg.vocab_size, H)
+    block = {
+        **_linear("self_attn.q_proj", H, n_q, qkv_bias),
+        **_linear("self_attn.k_proj", H, n_kv, qkv_bias),
+        **_linear("self_attn.v_proj", H, n_kv, qkv_bias),
+        **_linear("self_attn.o_proj", n_q, H, o_bias),
+        **_linear("mlp.gate_proj", H, I, mlp_bias),
+        **_linear("mlp.up_proj", H, I, mlp_bias),
+        **_linear("mlp.down_proj", I, H, mlp_bias),
+        **_norm("input_layernorm", H, False),
+        **_norm("post_attention_layernorm", H, False),
+    }
+    return top, {f"model.layers.{{i}}.{k}": v for k, v in block.items()}
+
+
+def _opt(cfg) -> tuple[dict, dict]:
+    """OPT: LayerNorm with bias, learned positions (with an offset of 2), optional projections."""
+    H, F, E, b = cfg.hidden_size, cfg.ffn_dim, cfg.word_embed_proj_dim, cfg.enable_bias
+    p = "model.decoder"
+    # OPT's learned positional embedding reserves 2 extra rows (a fairseq legacy of padding).
+    top = {f"{p}.embed_tokens.weight": (cfg.vocab_size, E),
+           f"{p}.embed_positions.weight": (cfg.max_position_embeddings + 2, H)}
+    if E != H:  # e.g. OPT-350m embeds in 512 dims and projects to 1024 and back
+        top |= _linear(f"{p}.project_out", H, E, False) | _linear(f"{p}.project_in", E, H, False)
+    if cfg.do_layer_norm_before and not getattr(cfg, "_remove_final_layer_norm", False):
+        top |= _norm(f"{p}.final_layer_norm", H, cfg.layer_norm_elementwise_affine)
+    if not cfg.tie_word_embeddings:
+        top["lm_head.weight"] = (cfg.vocab_size, E)
+    affine = cfg.layer_norm_elementwise_affine
+    block = {
+        **_linear("self_attn.k_proj", H, H, b), **_linear("self_attn.v_proj", H, H, b),
+        **_linear("self_attn.q_proj", H, H, b), **_linear("self_attn.out_proj", H, H, b),
+        **_norm("self_attn_layer_norm", H, affine),
+        **_linear("fc1", H, F, b), **_linear("fc2", F, H, b),
+        **_norm("final_layer_norm", H, affine),
+    }
+    return top, {f"{p}.layers.{{i}}.{k}": v for k, v in block.items()}
+
+
+def _gpt_neox(cfg) -> tuple[dict, dict]:
+    """GPT-NeoX (Pythia): fused query_key_value, LayerNorm with bias, untied output by default."""
+    H, I, b = cfg.hidden_size, cfg.intermediate_size, getattr(cfg, "attention_bias", True)
+    top = {"gpt_neox.embed_in.weight": (cfg.vocab_size, H), **_norm("gpt_neox.final_layer_norm", H, True)}
+    if not cfg.tie_word_embeddings:
+        top["lm_head.weight"] = (cfg.vocab_size, H)
+    block = {
+        **_norm("input_layernorm", H, True), **_norm("post_attention_layernorm", H, True),
+        **_linear("attention.query_key_value", H, 3 * H, b), **_linear("attention.dense", H, H, b),
+        **_linear("mlp.dense_h_to_4h", H, I, True), **_linear("mlp.dense_4h_to_h", I, H, True),
+    }
+    return top, {f"gpt_neox.layers.{{i}}.{k}": v for k, v in block.items()}
+
+
+FAMILIES = {"llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like,
+            "opt": _opt, "gpt_neox": _gpt_neox}
+
+
+def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, as `model.named_parameters()` would list them (tied once)."""
+    if cfg.model_type not in FAMILIES:
+        raise ValueError(f"byte accounting knows the families {sorted(FAMILIES)}, "
+                         f"not model_type={cfg.model_type!r}")
+    top, block = FAMILIES[cfg.model_type](cfg)
+    shapes = dict(top)
+    for i in range(cfg.num_hidden_layers):
+        shapes |= {name.format(i=i): shape for name, shape in block.items()}
+    return shapes
+
+
+def count_params(cfg) -> int:
+    """Exact number of parameters of the model that `cfg` describes (tied embeddings once)."""
+    return sum(math.prod(shape) for shape in param_shapes(cfg).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeightBytes:
+    fmt: str
+    params: int
+    weights: int  # bytes of the stored values themselves
+    overhead: int  # bytes of the per-group scales and zero-points that integer formats need
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.overhead
+
+
+def _check_format(fmt: str) -> int:
+    if fmt not in FORMAT_BITS:
+        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(FORMAT_BITS)}")
+    return FORMAT_BITS[fmt]
+
+
+def weight_bytes(cfg, fmt: str, group_size: int = 128, symmetric: bool = False,
+                 linears_only: bool = False) -> WeightBytes:
+    """Bytes to store the model's weights in `fmt`, overhead of scales/zeros on its own line.
+
+    Float formats of 16 bits and more store everything as is. For fp8 and the integer formats,
+    the 2-D weight matrices are stored in `fmt` and the 1-D vectors (norms, biases) in fp16, as
+    every quantization tool does; integer formats add one fp16 scale per group of `group_size`
+    input columns (per output row if group_size is -1) and, unless `symmetric`, one zero-point
+    of `bits` bits (GPTQ packs zeros at the weight's bit width). A ragged last group counts
+    as a whole group. fp8 adds one fp16 scale per output row. With `linears_only`, only the
+    linear layers inside the decoder blocks take `fmt`; embeddings and lm_head stay fp16.
+    """
+    bits = _check_format(fmt)
+    if group_size != -1 and group_size < 1:
+        raise ValueError(f"group_size must be a positive integer or -1 (per channel), got {group_size}")
+    value_bits = overhead_bits = 0
+    for name, shape in param_shapes(cfg).items():
+        n = math.prod(shape)
+        in_block = ".layers." in name
+        quantized = bits < 16 and len(shape) == 2 and (in_block or not linears_only)
+        if not quantized:
+            value_bits += n * (bits if bits >= 16 else 16)
+            continue
+        value_bits += n * bits
+        rows, cols = shape
+        if fmt == "fp8":
+            overhead_bits += rows * SCALE_BITS
+        else:
+            groups = 1 if group_size == -1 else math.ceil(cols / group_size)
+            overhead_bits += rows * groups * (SCALE_BITS + (0 if symmetric else bits))
+    return WeightBytes(fmt, count_params(cfg), math.ceil(value_bits / 8), math.ceil(overhead_bits / 8))
+
+
+def kv_cache_bytes(cfg, context: int, batch: int = 1, bytes_per_value: int = 2) -> int:
+    """Bytes of the key/value cache: 2 (K and V) x layers x kv_heads x head_dim x tokens x batch."""
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * n_kv * _head_dim(cfg) * context * batch * bytes_per_value
+
+
+def decode_tokens_per_s(bytes_per_token: int, bandwidth_gbs: float) -> float:
+    """Upper bound on batch-1 decode speed: every weight (and the KV cache) is read once per token."""
+    return bandwidth_gbs * GB / bytes_per_token
+
+
+def gpus_needed(total_bytes: int, gpu: GPU) -> int:
+    """How many of `gpu` it takes to hold `total_bytes` (weights split evenly, no other overhead)."""
+    return math.ceil(total_bytes / (gpu.memory_gb * GB))
+
+
+# ---------------------------------------------------------------------------------------------
+# The table that `minquant memory MODEL` prints
+# ---------------------------------------------------------------------------------------------
+
+def memory_table(cfg, name: str = "", group_size: int = 128, context: int = 4096, batch: int = 1,
+                 linears_only: bool = False, gpu_for_speed: GPU = GPUS[2]) -> str:
+    """A plain-text table: bytes per format, scale/zero overhead, GPUs needed, decode bound."""
+    kv = kv_cache_bytes(cfg, context, batch)
+    unit, div = ("GB", GB) if count_params(cfg) * 2 >= GB else ("MB", 10**6)  # readable for small models
+    lines = [
+        f"{name or cfg.model_type}: {count_params(cfg):,} parameters "
+        f"({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size})",
+        f"integer formats: group size {group_size}, fp16 scale + zero per group"
+        + ("; embeddings and lm_head stay fp16" if linears_only else ""),
+        "",
+        f"{'format':<7}{'bits':>5}{'weights ' + unit:>12}{'scale+zero ' + unit:>15}{'total ' + unit:>10}"
+        + "".join(f"{f'{g.memory_gb:g}GB GPUs':>12}" for g in GPUS)
+        + f"   decode tok/s <= ({gpu_for_speed.name})",
+    ]
+    for fmt in FORMAT_BITS:
+        wb = weight_bytes(cfg, fmt, group_size, linears_only=linears_only)
+        lines.append(f"{fmt:<7}{FORMAT_BITS[fmt]:>5}{wb.weights / div:>12.2f}{wb.overhead / div:>15.3f}"
+                     f"{wb.total / div:>10.2f}"
+                     + "".join(f"{gpus_needed(wb.total + kv, g):>12}" for g in GPUS)
+                     + f"{decode_tokens_per_s(wb.total + kv, gpu_for_speed.bandwidth_gbs):>12,.0f}")
+    lines += ["", f"KV cache (fp16, context {context}, batch {batch}): {kv / div:.3f} {unit}; "
+              "the GPU counts and the decode bound include it",
+              f"decode bound = bandwidth ({gpu_for_speed.bandwidth_gbs:g} GB/s) / bytes read per token "
+              "(all weights + KV cache), batch 1"]
+    return "\n".join(lines)

