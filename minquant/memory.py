@@ -12,6 +12,7 @@ Units: bytes are counted exactly; "GB" means 10**9 bytes, as model sizes are usu
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 GB = 10**9
@@ -126,15 +127,36 @@ FAMILIES = {"llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like,
 
 
 def param_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """Every parameter's name and shape, as `model.named_parameters()` would list them (tied once)."""
+    """Every parameter's name and shape, as `model.named_parameters()` would list them (tied once).
+
+    The families in FAMILIES are derived by hand (the course's way); any other architecture that
+    transformers knows is built on the meta device, which gives shapes without allocating memory.
+    """
     if cfg.model_type not in FAMILIES:
-        raise ValueError(f"byte accounting knows the families {sorted(FAMILIES)}, "
-                         f"not model_type={cfg.model_type!r}")
+        return _meta_shapes(cfg)
     top, block = FAMILIES[cfg.model_type](cfg)
     shapes = dict(top)
     for i in range(cfg.num_hidden_layers):
         shapes |= {name.format(i=i): shape for name, shape in block.items()}
     return shapes
+
+
+def _meta_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    import torch
+    import transformers
+
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, arch, None) if arch else None
+    try:
+        with torch.device("meta"):
+            if model_class is not None:
+                model = model_class(cfg)
+            else:
+                model = transformers.AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # transformers raises many kinds for configs it cannot build
+        raise ValueError(f"cannot count the parameters of model_type={cfg.model_type!r}: "
+                         f"transformers could not build it ({type(e).__name__}: {e})") from e
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def count_params(cfg) -> int:
@@ -164,6 +186,9 @@ def _check_format(fmt: str) -> int:
     return FORMAT_BITS[fmt]
 
 
+_BLOCK = re.compile(r"\.\d+\.")  # a numbered block: model.layers.3., transformer.h.3., encoder.layer.3.
+
+
 def weight_bytes(cfg, fmt: str, group_size: int = 128, symmetric: bool = False,
                  linears_only: bool = False) -> WeightBytes:
     """Bytes to store the model's weights in `fmt`, overhead of scales/zeros on its own line.
@@ -182,7 +207,7 @@ def weight_bytes(cfg, fmt: str, group_size: int = 128, symmetric: bool = False,
     value_bits = overhead_bits = 0
     for name, shape in param_shapes(cfg).items():
         n = math.prod(shape)
-        in_block = ".layers." in name
+        in_block = _BLOCK.search(name) is not None
         quantized = bits < 16 and len(shape) == 2 and (in_block or not linears_only)
         if not quantized:
             value_bits += n * (bits if bits >= 16 else 16)

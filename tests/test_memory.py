@@ -6,7 +6,7 @@ import torch
 import transformers as T
 
 from minquant import memory
-from minquant.models import MODEL_CONFIGS_DIR, load_config
+from minquant.models import MODEL_CONFIGS_DIR, load_config, packaged_path
 
 TINY = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 TINY_CONFIGS = {
@@ -135,8 +135,22 @@ def test_bad_input_errors():
         memory.weight_bytes(cfg, "int5")
     with pytest.raises(ValueError, match="group_size must be"):
         memory.weight_bytes(cfg, "int4", group_size=0)
-    with pytest.raises(ValueError, match="not model_type='bert'"):
-        memory.count_params(T.BertConfig())
+    with pytest.raises(ValueError, match="cannot count the parameters of model_type=''"):
+        memory.count_params(T.PretrainedConfig())
+
+
+def test_other_architectures_are_counted_on_the_meta_device():
+    # MiniLM (BERT) is no hand-derived family: its count comes from a meta-device build.
+    cfg = load_config("minilm-l6")
+    model = T.AutoModel.from_pretrained(packaged_path("minilm-l6"))
+    assert memory.param_shapes(cfg) == named_shapes(model)
+    assert memory.count_params(cfg) == 22_713_216
+    # its 6 encoder blocks are found as blocks: with linears_only, embeddings stay fp16
+    in_blocks = {n: p for n, p in model.named_parameters() if n.startswith("encoder.layer.") and p.ndim == 2}
+    rest = memory.count_params(cfg) - sum(p.numel() for p in in_blocks.values())
+    lin = memory.weight_bytes(cfg, "int4", 32, linears_only=True)
+    assert lin.weights == sum(p.numel() for p in in_blocks.values()) // 2 + rest * 2
+    assert lin.overhead == sum(p.shape[0] * (p.shape[1] // 32) for p in in_blocks.values()) * (16 + 4) // 8
 
 
 def test_memory_table_rows():
