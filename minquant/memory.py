@@ -204,9 +204,10 @@ def weight_bytes(cfg, fmt: str, group_size: int = 128, symmetric: bool = False,
     bits = _check_format(fmt)
     if group_size != -1 and group_size < 1:
         raise ValueError(f"group_size must be a positive integer or -1 (per channel), got {group_size}")
-    value_bits = overhead_bits = 0
+    params = value_bits = overhead_bits = 0
     for name, shape in param_shapes(cfg).items():
         n = math.prod(shape)
+        params += n
         in_block = _BLOCK.search(name) is not None
         quantized = bits < 16 and len(shape) == 2 and (in_block or not linears_only)
         if not quantized:
@@ -219,7 +220,7 @@ def weight_bytes(cfg, fmt: str, group_size: int = 128, symmetric: bool = False,
         else:
             groups = 1 if group_size == -1 else math.ceil(cols / group_size)
             overhead_bits += rows * groups * (SCALE_BITS + (0 if symmetric else bits))
-    return WeightBytes(fmt, count_params(cfg), math.ceil(value_bits / 8), math.ceil(overhead_bits / 8))
+    return WeightBytes(fmt, params, math.ceil(value_bits / 8), math.ceil(overhead_bits / 8))
 
 
 def kv_cache_bytes(cfg, context: int, batch: int = 1, bytes_per_value: int = 2) -> int:

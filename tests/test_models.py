@@ -76,3 +76,13 @@ def test_minilm_loads_from_name_and_from_its_folder():
     same, _ = load_model(str(packaged_path("minilm-l6")), dtype=torch.bfloat16)
     assert same.dtype == torch.bfloat16
     assert torch.equal(same.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight.bfloat16())
+
+
+def test_which_models_get_an_lm_head():
+    import transformers as T
+
+    gguf = packaged_path("smollm2-135m") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert models.is_causal_lm(load_config(str(gguf)))  # a .gguf path: its config names no architecture
+    assert not models.is_causal_lm(load_config("minilm-l6"))  # ["BertModel"]: an encoder
+    assert models.is_causal_lm(T.GPT2Config(architectures=["GPT2LMHeadModel"]))
+    assert models.is_causal_lm(load_config("facebook/opt-125m"))
