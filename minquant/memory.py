@@ -229,9 +229,10 @@ def kv_cache_bytes(cfg, context: int, batch: int = 1, bytes_per_value: int = 2) 
     return 2 * cfg.num_hidden_layers * n_kv * _head_dim(cfg) * context * batch * bytes_per_value
 
 
-def decode_tokens_per_s(bytes_per_token: int, bandwidth_gbs: float) -> float:
-    """Upper bound on batch-1 decode speed: every weight (and the KV cache) is read once per token."""
-    return bandwidth_gbs * GB / bytes_per_token
+def decode_tokens_per_s(bytes_per_step: int, bandwidth_gbs: float, batch: int = 1) -> float:
+    """Upper bound on decode speed while memory-bound: each step reads every weight and the whole
+    KV cache (`bytes_per_step`) once and yields one token for each of the `batch` sequences."""
+    return batch * bandwidth_gbs * GB / bytes_per_step
 
 
 def gpus_needed(total_bytes: int, gpu: GPU) -> int:
@@ -263,9 +264,9 @@ def memory_table(cfg, name: str = "", group_size: int = 128, context: int = 4096
         lines.append(f"{fmt:<7}{FORMAT_BITS[fmt]:>5}{wb.weights / div:>12.2f}{wb.overhead / div:>15.3f}"
                      f"{wb.total / div:>10.2f}"
                      + "".join(f"{gpus_needed(wb.total + kv, g):>12}" for g in GPUS)
-                     + f"{decode_tokens_per_s(wb.total + kv, gpu_for_speed.bandwidth_gbs):>12,.0f}")
+                     + f"{decode_tokens_per_s(wb.total + kv, gpu_for_speed.bandwidth_gbs, batch):>12,.0f}")
     lines += ["", f"KV cache (fp16, context {context}, batch {batch}): {kv / div:.3f} {unit}; "
               "the GPU counts and the decode bound include it",
-              f"decode bound = bandwidth ({gpu_for_speed.bandwidth_gbs:g} GB/s) / bytes read per token "
-              "(all weights + KV cache), batch 1"]
+              f"decode bound = bandwidth ({gpu_for_speed.bandwidth_gbs:g} GB/s) / bytes read per step "
+              f"(all weights + KV cache) x batch {batch}"]
     return "\n".join(lines)

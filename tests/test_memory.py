@@ -126,6 +126,7 @@ def test_gpus_and_decode_bound():
     assert memory.gpus_needed(fp16, h100) == 2 and memory.gpus_needed(int4, h100) == 1
     assert memory.gpus_needed(int4, rtx) == 2  # 35.8 GB does not fit one 24 GB card
     assert memory.decode_tokens_per_s(2 * 10**9, 1000) == 500.0
+    assert memory.decode_tokens_per_s(2 * 10**9, 1000, batch=4) == 2000.0  # one read serves 4 sequences
     assert memory.decode_tokens_per_s(fp16, h100.bandwidth_gbs) == pytest.approx(24.28, abs=0.01)
 
 
