@@ -113,8 +113,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         # transformers marks GGUF-loaded models as quantized, which blocks .to(dtype) and
         # save_pretrained; the weights are plain floats by now, so drop the marker.
         model.hf_quantizer = None
-        model.config.quantization_config = None
-        del model.config.quantization_config
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model.to(device).eval(), tokenizer
 
 

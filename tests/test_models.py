@@ -50,6 +50,18 @@ def test_smollm2_loads_as_plain_float_model(smollm2):
 
 
 @pytest.mark.slow
+def test_smollm2_saves_and_reloads_like_any_float_model(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = smollm2
+    model.save_pretrained(tmp_path)  # refused for a GGUF-marked model; fine once the marker is gone
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.inference_mode():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.slow
 def test_smollm2_knows_a_fact(smollm2):
     model, tokenizer = smollm2
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
