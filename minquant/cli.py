@@ -2,6 +2,7 @@
 
     minquant memory meta-llama/Llama-2-70b-hf     # bytes per format, GPUs needed, decode bound
     minquant memory smollm2-135m --group-size 64 --linears-only
+    minquant bench rtn                            # RTN perplexity table -> data/results/
     minquant demo                                 # what `make demo` runs
 """
 from __future__ import annotations
@@ -45,6 +46,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\n(load and generate: {time.perf_counter() - start:.1f} s)")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from minquant import bench
+
+    path = bench.bench_rtn(max_windows=args.max_windows or None, seqlen=args.seqlen, device=args.device)
+    print(f"saved {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minquant", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
     p.add_argument("--linears-only", action="store_true", help="keep embeddings and lm_head in fp16")
     p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser("bench", help="measure and save numbers to data/results/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "examples:\n  minquant bench rtn                  # quick CPU protocol: 16 windows\n"
+                           "  minquant bench rtn --max-windows 0 --device cuda   # the full test set"))
+    p.add_argument("which", choices=["rtn"], help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine)")
+    p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 windows to score; 0 = all")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the memory table and a generation from the packaged SmolLM2",
                        epilog="example:\n  minquant demo --max-new-tokens 40",

@@ -1,0 +1,132 @@
+"""Min/max (round-to-nearest) quantization: the primitives every later method builds on.
+
+Derived in notebooks/03_minmax_quantization.ipynb; granularity in 04_granularity_and_outliers.
+
+One convention, used everywhere in minquant:
+    - a weight matrix W is (N, K) = (out_features, in_features), as nn.Linear stores it;
+    - each row is cut into groups of `group_size` consecutive input columns (group_size=-1: the
+      whole row, "per channel"), and each group gets a scale s and a zero-point z;
+    - integers q in [0, 2**bits - 1] (uint8) stand for  w ~ (q - z) * s;
+    - `scale` and `zero` are float32 of shape (N, K // group_size).
+
+Symmetric ("absmax"): s = max|w| / (2**(bits-1) - 1) and z = 2**(bits-1), so 0 maps to q = z
+exactly and the grid is symmetric around 0 (q = 0 is never used). Asymmetric ("zero-point"):
+s = (max - min) / (2**bits - 1) over a range that includes 0, and z = round(-min / s), an integer,
+as GPTQ stores it. With `integer_zero=False`, z = -min / s stays a float and the range is the
+group's own [min, max] (llama.cpp's Q4_1 does this: w = d*q + m).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 4  # 2..8: integers 0 .. 2**bits - 1
+    group_size: int = 128  # consecutive input columns sharing one scale/zero; -1 = whole row
+    symmetric: bool = False  # absmax (zero fixed at 2**(bits-1)) vs min/max with a zero-point
+    integer_zero: bool = True  # round the zero-point to an integer (GPTQ format) or keep it float
+    clip_ratio: float = 1.0  # shrink the range to clip_ratio * (min, max): trades clipping for resolution
+
+    def __post_init__(self):
+        if not (isinstance(self.bits, int) and 2 <= self.bits <= 8):
+            raise ValueError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if not (isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 1)):
+            raise ValueError(f"group_size must be a positive integer or -1 (per channel), got {self.group_size!r}")
+        if not 0 < self.clip_ratio <= 1:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+        if self.symmetric and not self.integer_zero:
+            raise ValueError("symmetric quantization has a fixed integer zero; integer_zero=False needs symmetric=False")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def minq(self) -> int:
+        # symmetric keeps q - z in [-(2**(bits-1) - 1), 2**(bits-1) - 1]: q = 0 would be one step
+        # further below zero than the top is above it, so clipped values never land there.
+        return 1 if self.symmetric else 0
+
+    def groups(self, K: int) -> int:
+        """How many groups a row of K inputs has; a clear error if group_size cannot cut it evenly."""
+        g = K if self.group_size == -1 else self.group_size
+        if K % g:
+            fits = [d for d in range(8, K + 1) if K % d == 0 and d % 8 == 0] or [K]
+            raise ValueError(f"group_size {g} does not divide the {K} input features of this layer; "
+                             f"group sizes that do: {', '.join(map(str, fits))} (or -1, per channel)")
+        return K // g
+
+
+def _grouped(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """(N, K) -> (N, G, g) float32 view by groups, after checking the weight is usable."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"expected a floating-point weight, got {w.dtype}")
+    bad = ~torch.isfinite(w)
+    if bad.any():
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"weight has {int(bad.sum())} NaN/Inf values (first at row {r}, column {c})")
+    N, K = w.shape
+    G = cfg.groups(K)
+    return w.float().reshape(N, G, K // G)
+
+
+def choose_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point, float32 of shape (N, K // group_size), from each group's min and max."""
+    wg = _grouped(w, cfg)
+    lo, hi = wg.amin(dim=-1) * cfg.clip_ratio, wg.amax(dim=-1) * cfg.clip_ratio
+    if cfg.symmetric:
+        half = 2 ** (cfg.bits - 1)
+        scale = torch.maximum(lo.abs(), hi) / (half - 1)
+        scale = torch.where(scale == 0, 1.0, scale)  # an all-zero group: any scale works
+        return scale, torch.full_like(scale, half)
+    if cfg.integer_zero:  # the range must hold 0, so that z is an integer inside [0, maxq]
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = (hi - lo) / cfg.maxq
+    scale = torch.where(scale == 0, 1.0, scale)  # constant group: z below then maps it exactly
+    zero = -lo / scale
+    return scale, (zero.round() if cfg.integer_zero else zero)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Integers q = clamp(round(w / s + z), minq, maxq) as uint8, shape (N, K)."""
+    wg = _grouped(w, cfg)
+    q = torch.round(wg / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(cfg.minq, cfg.maxq)
+    return q.reshape(w.shape).to(torch.uint8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w ~ (q - z) * s, shape (N, K), in `dtype`."""
+    N, K = q.shape
+    qg = q.float().reshape(N, cfg.groups(K), -1)
+    return ((qg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(N, K).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Quantize then dequantize: the float weight the quantized model really computes with."""
+    scale, zero = choose_qparams(w, cfg)
+    return dequantize(quantize(w, scale, zero, cfg), scale, zero, cfg, dtype=w.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error metrics: how far is the quantized weight from the original?
+# ---------------------------------------------------------------------------------------------
+
+def mse(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Mean squared error, computed in float64."""
+    return float((w.double() - w_hat.double()).pow(2).mean())
+
+
+def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(sum w^2 / sum (w - w_hat)^2)."""
+    noise = (w.double() - w_hat.double()).pow(2).sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(w.double().pow(2).sum() / noise))
+
+
+def max_abs_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    return float((w.double() - w_hat.double()).abs().max())
