@@ -93,9 +93,13 @@ def choose_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, tor
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """Integers q = clamp(round(w / s + z), minq, maxq) as uint8, shape (N, K)."""
-    wg = _grouped(w, cfg)
-    q = torch.round(wg / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(cfg.minq, cfg.maxq)
+    """Integers q = clamp(round(w / s) + z, minq, maxq) as uint8, shape (N, K).
+
+    A float zero-point is added before rounding instead: round(w / s + z).
+    """
+    x = _grouped(w, cfg) / scale.unsqueeze(-1)
+    z = zero.unsqueeze(-1)
+    q = (torch.round(x) + z if cfg.integer_zero else torch.round(x + z)).clamp(cfg.minq, cfg.maxq)
     return q.reshape(w.shape).to(torch.uint8)
 
 

@@ -25,7 +25,7 @@ def reference_fake_quant(w: torch.Tensor, bits: int, g: int, symmetric: bool) ->
                 s = (hi - lo) / (2**bits - 1)
                 s = s if s > 0 else torch.tensor(1.0, dtype=torch.float64)
                 z = torch.round(-lo / s)
-            q = torch.clamp(torch.round(x / s + z), 0, 2**bits - 1)
+            q = torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1)
             out[r, c:c + g] = (q - z) * s
     return out
 
