@@ -3,7 +3,12 @@
 Modules follow the course (see notebooks/ and DESIGN in the README):
     memory  - parameter counts and bytes per format from a config      (notebook 01)
     models  - load packaged offline models, local folders, Hub ids      (notebook 01)
+    formats - fp32/fp16/bf16/fp8/int/NF4 as data, rounding to each      (notebook 02)
+    quant   - QuantConfig and min/max quantize/dequantize, error metrics (notebooks 03, 04)
+    rtn     - round-to-nearest on every linear layer of a model         (notebook 04)
+    eval    - perplexity with the GPTQ protocol                         (notebook 04)
     data    - WikiText-2 and C4 text for evaluation and calibration    (notebooks 04, 07)
+    bench   - benchmarks that write data/results/*.json                 (`minquant bench`)
     course  - `check(answer, expected)` for the notebooks' exercises
     cli     - the `minquant` command: `minquant memory MODEL`, `minquant demo`
 """
