@@ -1,6 +1,7 @@
 """Benchmarks: scripts that measure and save numbers to data/results/, never tests.
 
     minquant bench rtn                    # RTN on SmolLM2 (perplexity) and MiniLM (embedding cosine)
+    minquant bench readme                 # rewrite the README's results tables from data/results/
 
 Every results file records the command, date, machine and versions next to the numbers, so a
 notebook or the README can quote it without retyping anything.
@@ -73,6 +74,44 @@ def load_results(name: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no results file {path}; run the benchmark that writes it (see data/results/README.md)")
     return json.loads(path.read_text())
+
+
+def rtn_table(record: dict) -> str:
+    """The RTN results as a Markdown table (for the README), from a `rtn_smollm2` record."""
+    smol, cos = record["results"]["smollm2"], {r["label"]: r["mean_cosine"] for r in record["results"]["minilm"]}
+    p = record["protocol"]["smollm2"]
+    fp32 = smol[0]["ppl"]
+    lines = [f"RTN, asymmetric with an integer zero-point unless named. SmolLM2-135M: WikiText-2 test "
+             f"perplexity, first {p['windows']} windows of {p['seqlen']} tokens. MiniLM-L6: mean cosine "
+             f"similarity of sentence embeddings to fp32 on {record['protocol']['minilm']['sentences']} "
+             f"WikiText-2 sentences. Measured {record['date'][:10]} on {record['machine']['cpu']} "
+             f"({record['machine']['cores']} cores) by `{record['command']}`.", "",
+             "| config | SmolLM2 ppl | ppl / fp32 | MiniLM cosine |", "|---|---:|---:|---:|"]
+    for r in smol:
+        c = f"{cos[r['label']]:.4f}" if r["label"] in cos else "1"
+        ratio = r["ppl"] / fp32
+        lines.append(f"| {r['label']} | {r['ppl']:.2f} | {ratio:.3f}x | {c} |" if ratio < 10 else
+                     f"| {r['label']} | {r['ppl']:.0f} | {ratio:.0f}x | {c} |")
+    return "\n".join(lines)
+
+
+TABLES = {"rtn_smollm2": rtn_table}  # results file -> its README table
+README = RESULTS_DIR.parent.parent / "README.md"
+
+
+def readme_block(name: str) -> str:
+    return f"<!-- results:{name} -->\n{TABLES[name](load_results(name))}\n<!-- /results:{name} -->"
+
+
+def update_readme(path: Path = README) -> None:
+    """Rewrite each results block of the README from its results file (never typed by hand)."""
+    text = path.read_text()
+    for name in TABLES:
+        start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+        if start in text:
+            head, rest = text.split(start, 1)
+            text = head + readme_block(name) + rest.split(end, 1)[1]
+    path.write_text(text)
 
 
 def _restore(model, originals: dict) -> None:

@@ -49,8 +49,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from minquant import bench
 
+    if args.which == "readme":
+        bench.update_readme()
+        print(f"updated the results tables in {bench.README}")
+        return
     path = bench.bench_rtn(max_windows=args.max_windows or None, seqlen=args.seqlen, device=args.device)
-    print(f"saved {path}")
+    print(f"saved {path}\n\n{bench.rtn_table(bench.load_results('rtn_smollm2'))}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure and save numbers to data/results/",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
                            "examples:\n  minquant bench rtn                  # quick CPU protocol: 16 windows\n"
-                           "  minquant bench rtn --max-windows 0 --device cuda   # the full test set"))
-    p.add_argument("which", choices=["rtn"], help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine)")
+                           "  minquant bench rtn --max-windows 0 --device cuda   # the full test set\n"
+                           "  minquant bench readme               # README tables from data/results/"))
+    p.add_argument("which", choices=["rtn", "readme"],
+                   help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); readme: README tables from data/results/")
     p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 windows to score; 0 = all")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cpu")

@@ -1,0 +1,44 @@
+"""minquant.bench: results files carry their provenance, and the README quotes them verbatim."""
+import pytest
+import torch
+
+from minquant import bench
+
+
+def test_results_roundtrip_with_provenance(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
+    path = bench.save_results("demo", {"seqlen": 8}, {"ppl": 1.5})
+    record = bench.load_results("demo")
+    assert path == tmp_path / "demo.json" and record["results"] == {"ppl": 1.5}
+    assert {"command", "date", "machine", "versions", "protocol"} <= set(record)
+    assert record["versions"]["torch"] == torch.__version__ and record["machine"]["cores"] >= 1
+    with pytest.raises(FileNotFoundError, match="no results file .*missing.json"):
+        bench.load_results("missing")
+
+
+def test_readme_tables_are_the_results_files():
+    readme = bench.README.read_text()
+    for name in bench.TABLES:
+        assert bench.readme_block(name) in readme, f"README is stale: run `minquant bench readme` ({name})"
+
+
+def test_rtn_results_support_the_claims():
+    rows = {r["label"]: r for r in bench.load_results("rtn_smollm2")["results"]["smollm2"]}
+    assert abs(rows["W8 per-channel"]["ppl"] / rows["fp32"]["ppl"] - 1) < 0.005
+    assert rows["W4 g64"]["ppl"] < rows["W4 per-channel"]["ppl"]
+    assert rows["W4 g32 float zero"]["ppl"] == pytest.approx(rows["fp32"]["ppl"], rel=1e-3)  # the Q4_1 file
+    assert all(r["rtn_seconds"] < 5 for r in rows.values())
+
+
+def test_wikitext_sentences():
+    sentences = bench.wikitext_sentences(256)
+    assert len(sentences) == 256 and len(set(sentences)) > 250
+    assert all(len(s.split()) >= 6 and not s.startswith("=") for s in sentences)
+
+
+def test_sentence_embeddings_are_unit_vectors(minilm_tokenizer):
+    from minquant.models import load_model
+
+    model, tok = load_model("minilm-l6")
+    e = bench.sentence_embeddings(model, tok, ["one short sentence .", "and a somewhat longer second sentence ."])
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))
