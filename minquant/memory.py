@@ -15,6 +15,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from minquant.quant import groups_per_row
+
 GB = 10**9
 
 # Bits per stored weight value for each format we account for.
@@ -197,8 +199,9 @@ def weight_bytes(cfg, fmt: str, group_size: int = 128, symmetric: bool = False,
     the 2-D weight matrices are stored in `fmt` and the 1-D vectors (norms, biases) in fp16, as
     every quantization tool does; integer formats add one fp16 scale per group of `group_size`
     input columns (per output row if group_size is -1) and, unless `symmetric`, one zero-point
-    of `bits` bits (GPTQ packs zeros at the weight's bit width). A ragged last group counts
-    as a whole group. fp8 adds one fp16 scale per output row. With `linears_only`, only the
+    of `bits` bits (GPTQ packs zeros at the weight's bit width). A group size must divide every
+    quantized matrix's row length (as in `minquant.quant`), else a ValueError names the tensor
+    and the group sizes that fit. fp8 adds one fp16 scale per output row. With `linears_only`, only the
     linear layers inside the decoder blocks take `fmt`; embeddings and lm_head stay fp16.
     """
     bits = _check_format(fmt)
@@ -218,7 +221,10 @@ def weight_bytes(cfg, fmt: str, group_size: int = 128, symmetric: bool = False,
         if fmt == "fp8":
             overhead_bits += rows * SCALE_BITS
         else:
-            groups = 1 if group_size == -1 else math.ceil(cols / group_size)
+            try:
+                groups = groups_per_row(cols, group_size)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
             overhead_bits += rows * groups * (SCALE_BITS + (0 if symmetric else bits))
     return WeightBytes(fmt, params, math.ceil(value_bits / 8), math.ceil(overhead_bits / 8))
 

@@ -51,13 +51,21 @@ class QuantConfig:
         return 1 if self.symmetric else 0
 
     def groups(self, K: int) -> int:
-        """How many groups a row of K inputs has; a clear error if group_size cannot cut it evenly."""
-        g = K if self.group_size == -1 else self.group_size
-        if K % g:
-            fits = [d for d in range(8, K + 1) if K % d == 0 and d % 8 == 0] or [K]
-            raise ValueError(f"group_size {g} does not divide the {K} input features of this layer; "
-                             f"group sizes that do: {', '.join(map(str, fits))} (or -1, per channel)")
-        return K // g
+        return groups_per_row(K, self.group_size)
+
+
+def groups_per_row(K: int, group_size: int) -> int:
+    """How many groups a row of K inputs has; a clear error if group_size cannot cut it evenly.
+
+    The whole package refuses ragged groups (a shorter last group) rather than supporting them:
+    the GPTQ checkpoint format and the kernels that read it assume K % group_size == 0.
+    """
+    g = K if group_size == -1 else group_size
+    if K % g:
+        fits = [d for d in range(8, K + 1) if K % d == 0 and d % 8 == 0] or [K]
+        raise ValueError(f"group_size {g} does not divide the {K} input features of this layer; "
+                         f"group sizes that do: {', '.join(map(str, fits))} (or -1, per channel)")
+    return K // g
 
 
 def _grouped(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
