@@ -72,18 +72,12 @@ def test_smollm2_knows_a_fact(smollm2):
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
 
 
-def embed(model, tokenizer, sentences):
-    batch = tokenizer(sentences, padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # mean pooling
-
-
 def test_minilm_loads_from_name_and_from_its_folder():
+    from minquant.bench import sentence_embeddings
+
     model, tokenizer = load_model("minilm-l6")
     assert type(model).__name__ == "BertModel" and sum(p.numel() for p in model.parameters()) == 22_713_216
-    e = embed(model, tokenizer, ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock prices fell sharply."])
+    e = sentence_embeddings(model, tokenizer, ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock prices fell sharply."])
     assert e[0] @ e[1] > 0.5 > e[0] @ e[2]  # similar sentences are close, unrelated ones are not
     same, _ = load_model(str(packaged_path("minilm-l6")), dtype=torch.bfloat16)
     assert same.dtype == torch.bfloat16
