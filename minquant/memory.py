@@ -246,6 +246,16 @@ def gpus_needed(total_bytes: int, gpu: GPU) -> int:
     return math.ceil(total_bytes / (gpu.memory_gb * GB))
 
 
+def module_bytes(module) -> int:
+    """Bytes a real model holds in its parameters and buffers (tied tensors once), measured."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 # ---------------------------------------------------------------------------------------------
 # The table that `minquant memory MODEL` prints
 # ---------------------------------------------------------------------------------------------

@@ -109,12 +109,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     model = _hub_call(auto.from_pretrained, name_or_path, source, dtype=dtype, **extra)
     tokenizer = _hub_call(AutoTokenizer.from_pretrained, name_or_path, source, **extra)
-    if "gguf_file" in extra:
-        # transformers marks GGUF-loaded models as quantized, which blocks .to(dtype) and
+    if "gguf_file" in extra and getattr(model, "hf_quantizer", None) is not None:
+        # transformers marks GGUF-loaded models as quantized, which blocks .half(), .to(dtype) and
         # save_pretrained; the weights are plain floats by now, so drop the marker.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        model.hf_quantizer.remove_quantization_config(model)
     return model.to(device).eval(), tokenizer
 
 

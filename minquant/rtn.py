@@ -3,9 +3,9 @@
 Derived in notebooks/04_granularity_and_outliers.ipynb. RTN is the baseline that GPTQ and AWQ
 improve on: each weight matrix is quantized on its own, with no data.
 
-For now this is *fake* quantization: each nn.Linear keeps a float weight, replaced by its
-quantize-dequantize round trip. The model computes exactly what a packed int model would; real
-packed storage (QuantLinear) comes with notebook 05.
+`rtn_quantize_model` is *fake* quantization: each nn.Linear keeps a float weight, replaced by its
+quantize-dequantize round trip, which is what a packed model computes. `quantize_model` stores
+the weights for real: each nn.Linear becomes a QuantLinear in the GPTQ layout (notebook 05).
 """
 from __future__ import annotations
 
@@ -42,12 +42,27 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) 
 def rtn_quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] = DEFAULT_SKIP,
                        progress: bool = False) -> list[LayerReport]:
     """Fake-quantize every linear weight in place with `cfg`; return each layer's error."""
+    return _quantize_linears(model, cfg, skip, progress, pack=False)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] = DEFAULT_SKIP,
+                   progress: bool = False) -> list[LayerReport]:
+    """RTN with real storage: replace every linear by a QuantLinear (GPTQ layout); return each layer's error."""
+    return _quantize_linears(model, cfg, skip, progress, pack=True)
+
+
+def _quantize_linears(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...], progress: bool,
+                      pack: bool) -> list[LayerReport]:
+    from minquant.nn import QuantLinear
+    from minquant.packing import check_packable
+
     linears = quantizable_linears(model, skip)
     if not linears:
         raise ValueError(f"no nn.Linear left to quantize (skip={skip})")
     for name, linear in linears.items():  # check every layer before changing any
         try:
-            cfg.groups(linear.in_features)
+            check_packable(linear.out_features, linear.in_features, cfg) if pack else cfg.groups(linear.in_features)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if not torch.isfinite(linear.weight).all():
@@ -55,9 +70,15 @@ def rtn_quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...]
     report = []
     for name, linear in tqdm(linears.items(), desc="RTN", disable=not progress):
         w = linear.weight.data
-        w_hat = fake_quantize(w, cfg)
+        if pack:
+            qlinear = QuantLinear.from_linear(linear, cfg)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, qlinear)
+            w_hat = qlinear.dequantize_weight(w.dtype)
+        else:
+            w_hat = fake_quantize(w, cfg)
+            linear.weight.data = w_hat
         report.append(LayerReport(name, tuple(w.shape), mse(w, w_hat), sqnr_db(w, w_hat), max_abs_error(w, w_hat)))
-        linear.weight.data = w_hat
     return report
 
 

@@ -1,0 +1,139 @@
+"""Save and load quantized models as GPTQ checkpoints that other tools read.
+
+Derived in notebooks/05_packing_and_quantlinear.ipynb. A checkpoint is a Hugging Face model folder:
+`model.safetensors` with each quantized linear's qweight/qzeros/scales/g_idx (see packing.py) and
+everything else in fp16, and a `config.json` whose `quantization_config` is the block that
+transformers, GPTQModel and vLLM look for:
+
+    {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": false, "sym": false,
+     "checkpoint_format": "gptq", ...}
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minquant.nn import QuantLinear
+from minquant.quant import QuantConfig
+
+
+def quantization_config(cfg: QuantConfig, skip: tuple[str, ...] = ()) -> dict:
+    """The `quantization_config` block of config.json for GPTQ v1 checkpoints."""
+    return {"quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": False,
+            "sym": cfg.symmetric, "static_groups": False, "true_sequential": True,
+            "checkpoint_format": "gptq", "damp_percent": 0.01, "modules_in_block_to_quantize": None,
+            "quantized_by": "minquant", "skipped_modules": list(skip)}
+
+
+def _quantized_configs(model) -> set[QuantConfig]:
+    return {m.cfg for m in model.modules() if isinstance(m, QuantLinear)}
+
+
+def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write `model` (with QuantLinear layers) and its tokenizer as a GPTQ checkpoint folder.
+
+    The model itself is left unchanged; the float tensors (embeddings, norms) are saved in `dtype`.
+    """
+    cfgs = _quantized_configs(model)
+    if len(cfgs) != 1:
+        raise ValueError(f"expected a model quantized with one config (QuantLinear layers), found {len(cfgs)} configs")
+    (cfg,) = cfgs
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # stored once, as the embedding
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    config.quantization_config = quantization_config(cfg, ("lm_head",))
+    config.dtype = dtype
+    config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+FORMAT_HINTS = {  # quant_method / format found -> how to say what it is
+    "awq": "an AWQ checkpoint",
+    "bitsandbytes": "a bitsandbytes checkpoint",
+    "compressed-tensors": "a compressed-tensors checkpoint (llm-compressor / vLLM)",
+    "gguf": "a GGUF file",
+    "fp8": "an FP8 checkpoint",
+    "gptq_v2": "a GPTQ v2 checkpoint (GPTQModel's internal format)",
+}
+
+
+def read_quantization_config(folder: str | Path) -> dict:
+    """The folder's quantization_config, checked to be GPTQ v1, or an error naming what was found."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    qc = json.loads(path.read_text()).get("quantization_config")
+    if qc is None:
+        raise ValueError(f"{folder} is not a quantized checkpoint: config.json has no quantization_config")
+    method = qc.get("quant_method", "unknown")
+    fmt = qc.get("checkpoint_format", "gptq")
+    if method != "gptq" or fmt != "gptq":
+        found = FORMAT_HINTS.get(method if method != "gptq" else fmt, f"quant_method={method!r}")
+        raise ValueError(f"{folder} holds {found} (quant_method={method!r}, checkpoint_format={fmt!r}); "
+                         "minquant loads GPTQ v1 checkpoints (quant_method 'gptq', checkpoint_format 'gptq')")
+    if qc.get("desc_act"):
+        raise ValueError(f"{folder} uses act-order (desc_act=true), which minquant cannot load yet")
+    return qc
+
+
+def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):
+    """Rebuild `(model, tokenizer)` from a GPTQ v1 checkpoint folder, with QuantLinear layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    qc = read_quantization_config(folder)
+    cfg = QuantConfig(bits=qc["bits"], group_size=qc["group_size"], symmetric=bool(qc.get("sym", False)))
+    tensors = _read_safetensors(folder)
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config  # we build the layers ourselves; transformers must not try to
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
+        linear = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                QuantLinear(linear.in_features, linear.out_features, cfg, bias=f"{name}.bias" in tensors))
+    _load_checked(model, tensors, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    return model.eval(), tokenizer
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors file in {folder}")
+    tensors = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            tensors |= {k: st.get_tensor(k) for k in st.keys()}
+    return tensors
+
+
+def _load_checked(model, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Copy every tensor in; a missing, unexpected or mis-shaped one is named in the error."""
+    expected = model.state_dict()
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(expected) - set(tensors) - tied)
+    if missing:
+        raise ValueError(f"{folder}: missing tensor(s) {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ValueError(f"{folder}: unexpected tensor(s) {', '.join(unexpected[:5])}")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False)
+    if tied:
+        model.tie_weights()

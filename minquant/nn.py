@@ -1,0 +1,58 @@
+"""QuantLinear: a linear layer that really stores n-bit weights, in the GPTQ checkpoint layout.
+
+Derived in notebooks/05_packing_and_quantlinear.ipynb. Its buffers are exactly the tensors a GPTQ
+checkpoint holds (qweight, qzeros, scales, g_idx, bias), so `state_dict()` *is* the checkpoint,
+and transformers, GPTQModel and vLLM find the names they expect.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minquant import kernels
+from minquant.packing import check_packable, from_gptq, gptq_qparams, to_gptq
+from minquant.quant import QuantConfig, quantize
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = False):
+        super().__init__()
+        check_packable(out_features, in_features, cfg)
+        self.in_features, self.out_features, self.cfg = in_features, out_features, cfg
+        K, N, b, G = in_features, out_features, cfg.bits, cfg.groups(in_features)
+        self.register_buffer("qweight", torch.zeros(K * b // 32, N, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(G, N * b // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(G, N, dtype=torch.float16))
+        self.register_buffer("g_idx", (torch.arange(K) // (K // G)).to(torch.int32))
+        self.register_buffer("bias", torch.zeros(N, dtype=torch.float16) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> QuantLinear:
+        """Quantize an nn.Linear's weight (min/max, round to nearest) into a QuantLinear."""
+        layer = cls(linear.in_features, linear.out_features, cfg, bias=linear.bias is not None)
+        w = linear.weight.detach()
+        scale, zero = gptq_qparams(w, cfg)
+        layer.load_packed(quantize(w, scale, zero, cfg), scale, zero)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer.to(w.device)
+
+    def load_packed(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Store minquant's (q (N, K), scale, zero (N, G)) in the GPTQ buffers."""
+        for name, t in to_gptq(q, scale, zero, self.cfg).items():
+            getattr(self, name).copy_(t)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight (N, K) this layer computes with (all at once: for inspection, not forward)."""
+        q, scale, zero, g_idx = from_gptq(self.state_dict(), self.cfg.bits)
+        g = g_idx.long()
+        return ((q.float() - zero[:, g]) * scale[:, g]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.cfg.bits, self.bias)
+
+    def extra_repr(self) -> str:
+        g = "per-channel" if self.cfg.group_size == -1 else f"group_size={self.cfg.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.cfg.bits}, "
+                f"{g}, symmetric={self.cfg.symmetric}, bias={self.bias is not None}")
