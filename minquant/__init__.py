@@ -7,6 +7,9 @@ Modules follow the course (see notebooks/ and DESIGN in the README):
     quant   - QuantConfig and min/max quantize/dequantize, error metrics (notebooks 03, 04)
     rtn     - round-to-nearest on every linear layer of a model         (notebook 04)
     eval    - perplexity with the GPTQ protocol                         (notebook 04)
+    packing - 2/3/4/8-bit packing and the GPTQ checkpoint layout        (notebook 05)
+    nn      - QuantLinear: packed weights, forward through `kernels`    (notebook 05)
+    checkpoint - save/load GPTQ checkpoints that other tools read       (notebook 05)
     data    - WikiText-2 and C4 text for evaluation and calibration    (notebooks 04, 07)
     bench   - benchmarks that write data/results/*.json                 (`minquant bench`)
     course  - `check(answer, expected)` for the notebooks' exercises
