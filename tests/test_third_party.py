@@ -1,0 +1,74 @@
+"""A third-party loader reads our GPTQ checkpoints: transformers + optimum + GPTQModel.
+
+They run in their own environment (`make test VERIFY_LOADERS=1`, as CI does, builds it and sets
+MINQUANT_GPTQMODEL_PYTHON), loading our folder with the plain `AutoModelForCausalLM.from_pretrained`.
+GPTQModel's "torch" backend dequantizes exactly; its default CPU kernel (TorchAtenLinear) converts
+zero-points to bf16 offsets and differs by about 1% of the logits on SmolLM2.
+"""
+import os
+import subprocess
+
+import pytest
+import torch
+import transformers as T
+
+from minquant.checkpoint import load_quantized, save_quantized
+from minquant.quant import QuantConfig
+from minquant.rtn import quantize_model
+
+PYTHON = os.environ.get("MINQUANT_GPTQMODEL_PYTHON")
+pytestmark = pytest.mark.skipif(not PYTHON, reason="needs MINQUANT_GPTQMODEL_PYTHON: run `make test VERIFY_LOADERS=1`")
+
+LOAD_WITH_TRANSFORMERS = """
+import sys, torch, transformers
+ids = torch.load(sys.argv[2])
+qc = transformers.GPTQConfig(bits=int(sys.argv[4]), backend="torch")
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu", dtype=torch.float32,
+                                                          quantization_config=qc)
+kinds = {f"{type(m).__module__.split('.')[0]}.{type(m).__name__}" for m in model.modules()}
+with torch.no_grad():
+    torch.save({"logits": model(ids).logits.float(), "kinds": sorted(kinds)}, sys.argv[3])
+"""
+
+
+def third_party_logits(folder, ids, bits, tmp_path):
+    torch.save(ids, tmp_path / "ids.pt")
+    run = subprocess.run([PYTHON, "-c", LOAD_WITH_TRANSFORMERS, str(folder), str(tmp_path / "ids.pt"),
+                          str(tmp_path / "out.pt"), str(bits)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+def ours(folder, ids):
+    model, _ = load_quantized(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("cfg", [QuantConfig(4, 32), QuantConfig(3, 32), QuantConfig(8, -1, symmetric=True),
+                                 QuantConfig(2, 64)])
+def test_tiny_llama(cfg, tmp_path):
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = T.LlamaForCausalLM(config).eval()
+    quantize_model(model, cfg)
+    save_quantized(model, None, tmp_path / "ckpt")
+    ids = torch.arange(24).reshape(2, 12)
+    theirs = third_party_logits(tmp_path / "ckpt", ids, cfg.bits, tmp_path)
+    assert "gptqmodel.TorchLinear" in theirs["kinds"], theirs["kinds"]  # GPTQModel's own layers read the files
+    torch.testing.assert_close(theirs["logits"], ours(tmp_path / "ckpt", ids), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_smollm2_int4_g64(smollm2, tmp_path):
+    import copy
+
+    model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
+    quantize_model(model, QuantConfig(4, 64))
+    save_quantized(model, tokenizer, tmp_path / "ckpt")
+    ids = tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
+    theirs, mine = third_party_logits(tmp_path / "ckpt", ids, 4, tmp_path)["logits"], ours(tmp_path / "ckpt", ids)
+    torch.testing.assert_close(theirs, mine, rtol=2e-3, atol=5e-2)  # logits reach ~30; fp16 weights in their kernel
+    assert torch.equal(theirs.argmax(-1), mine.argmax(-1))
