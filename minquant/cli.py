@@ -53,6 +53,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.update_readme()
         print(f"updated the results tables in {bench.README}")
         return
+    if args.which == "packing":
+        path = bench.bench_packing()
+        print(f"saved {path}\n\n{bench.packing_table(bench.load_results('packing_smollm2'))}")
+        return
     path = bench.bench_rtn(max_windows=args.max_windows or None, seqlen=args.seqlen, device=args.device)
     print(f"saved {path}\n\n{bench.rtn_table(bench.load_results('rtn_smollm2'))}")
 
@@ -79,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "examples:\n  minquant bench rtn                  # quick CPU protocol: 16 windows\n"
                            "  minquant bench rtn --max-windows 0 --device cuda   # the full test set\n"
                            "  minquant bench readme               # README tables from data/results/"))
-    p.add_argument("which", choices=["rtn", "readme"],
-                   help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); readme: README tables from data/results/")
+    p.add_argument("which", choices=["rtn", "packing", "readme"],
+                   help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); packing: bytes on disk; "
+                        "readme: README tables from data/results/")
     p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 windows to score; 0 = all")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cpu")

@@ -42,3 +42,10 @@ def test_sentence_embeddings_are_unit_vectors(minilm_tokenizer):
     model, tok = load_model("minilm-l6")
     e = bench.sentence_embeddings(model, tok, ["one short sentence .", "and a somewhat longer second sentence ."])
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))
+
+
+def test_packing_results_support_the_claims():
+    record = bench.load_results("packing_smollm2")["results"]
+    assert record["layer_4096"]["ratio_to_fp16"] <= 0.27
+    for row in record["smollm2"]:  # files agree with minquant.memory's accounting within 1%
+        assert row["file_bytes"] == pytest.approx(row["analytic_bytes"], rel=0.01), row
