@@ -22,3 +22,15 @@ def minilm_tokenizer():
     from minquant.models import packaged_path
 
     return AutoTokenizer.from_pretrained(packaged_path("minilm-l6"))
+
+
+@pytest.fixture
+def tiny_llama():
+    """A fresh, seeded 2-block Llama with tied embeddings (hidden 64): fast enough for every test."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return T.LlamaForCausalLM(cfg).eval()

@@ -53,15 +53,10 @@ def test_state_dict_is_the_gptq_checkpoint():
         "g_idx": ((128,), torch.int32), "bias": ((64,), torch.float16)}
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return T.LlamaForCausalLM(cfg).eval()
 
 
-def test_quantize_model_replaces_linears_and_saves_bytes():
-    model = tiny_llama()
+def test_quantize_model_replaces_linears_and_saves_bytes(tiny_llama):
+    model = tiny_llama
     fake = copy.deepcopy(model)
     before = module_bytes(model)
     report = quantize_model(model, QuantConfig(4, 32))

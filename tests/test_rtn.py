@@ -1,21 +1,13 @@
 """minquant.rtn on whole models: which layers, in place, with a per-layer report."""
 import pytest
 import torch
-import transformers as T
 
 from minquant.quant import QuantConfig, fake_quantize
 from minquant.rtn import quantizable_linears, rtn_quantize_model
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = T.LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    return T.LlamaForCausalLM(cfg).eval()
-
-
-def test_quantizes_every_block_linear_and_nothing_else():
-    model = tiny_llama()
+def test_quantizes_every_block_linear_and_nothing_else(tiny_llama):
+    model = tiny_llama
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     report = rtn_quantize_model(model, QuantConfig(4, 32))
     names = [r.name for r in report]
@@ -29,23 +21,23 @@ def test_quantizes_every_block_linear_and_nothing_else():
     assert all(r.sqnr_db > 10 and r.mse > 0 for r in report)
 
 
-def test_skip_patterns():
-    model = tiny_llama()
+def test_skip_patterns(tiny_llama):
+    model = tiny_llama
     report = rtn_quantize_model(model, QuantConfig(4, 32), skip=("lm_head", "*.mlp.*"))
     assert {r.name.split(".")[-1] for r in report} == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert set(quantizable_linears(model, skip=())) >= {"lm_head"}
 
 
-def test_bad_group_size_names_the_layer_and_changes_nothing():
-    model = tiny_llama()
+def test_bad_group_size_names_the_layer_and_changes_nothing(tiny_llama):
+    model = tiny_llama
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj: group_size 48 does not divide the 128"):
         rtn_quantize_model(model, QuantConfig(4, 48), skip=("lm_head", "*attn*", "*gate*", "*up*"))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_nan_weights_are_refused():
-    model = tiny_llama()
+def test_nan_weights_are_refused(tiny_llama):
+    model = tiny_llama
     model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj: weight has NaN/Inf"):
         rtn_quantize_model(model, QuantConfig(4, 32))
