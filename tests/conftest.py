@@ -1,9 +1,14 @@
 import os
 
 import pytest
+import torch
 
 # Tests never wait on the Hugging Face Hub: a Hub id fails at once with a clear error.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, Triton kernels run on CPU through Triton's interpreter, which must be switched on
+# before anything imports triton (tests/test_triton_w4a16.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

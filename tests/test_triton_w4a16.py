@@ -1,0 +1,123 @@
+"""The fused Triton W4A16 kernel against a float64 reference, on CPU through Triton's interpreter,
+plus a real compile of every configuration for NVIDIA GPUs (sm_80, sm_90) without a GPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minquant.nn import QuantLinear
+from minquant.quant import QuantConfig
+
+triton = pytest.importorskip("triton")  # conftest.py has switched on the interpreter when there is no GPU
+from minquant.kernels.triton_w4a16 import w4a16_matmul  # noqa: E402
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="CPU tensors: runs through the Triton interpreter (set when there is no GPU)")
+
+
+def reference(x, layer):
+    """float64: x @ W^T + b with W dequantized from the layer's GPTQ buffers."""
+    y = x.double() @ layer.dequantize_weight(torch.float64).t()
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+def check(M, K, N, cfg, dtype, act_order=False, seed=0):
+    torch.manual_seed(seed)
+    layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=bool(seed % 2)), cfg)
+    if act_order:  # GPTQ's act-order: inputs belong to groups in any order, as g_idx says
+        G = layer.scales.shape[0]
+        layer.g_idx.copy_(torch.randperm(K) % G)
+    x = torch.randn(M, K).to(dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype)  # poisoned: every element must be written
+    y = w4a16_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bias, out=out)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # fp16: x and the dequantized w are rounded to fp16
+    torch.testing.assert_close(y.double(), reference(x, layer), rtol=tol, atol=tol)
+
+
+@interpreted
+@pytest.mark.parametrize("M", [1, 3, 16, 33])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_matches_float64_reference(M, group_size, symmetric):
+    for dtype in (torch.float16, torch.float32):
+        check(M, 256, 200, QuantConfig(4, group_size, symmetric), dtype, seed=M + group_size)
+
+
+@interpreted
+@pytest.mark.parametrize("K,N", [(128, 8), (64, 40), (192, 136)])
+def test_odd_shapes(K, N):
+    check(5, K, N, QuantConfig(4, 64 if K % 64 == 0 else -1), torch.float32)
+
+
+@interpreted
+def test_act_order_g_idx():
+    check(7, 256, 96, QuantConfig(4, 32), torch.float32, act_order=True)
+    check(1, 256, 96, QuantConfig(4, 64, symmetric=True), torch.float16, act_order=True)
+
+
+@interpreted
+def test_batched_input_and_errors():
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 32), QuantConfig(4, 32))
+    x = torch.randn(2, 3, 64)
+    y = w4a16_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bias)
+    assert y.shape == (2, 3, 32)
+    torch.testing.assert_close(y.double(), reference(x, layer), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="x has 63 features, the layer expects K = 64"):
+        w4a16_matmul(torch.randn(1, 63), layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
+
+
+COMPILE_ALL = """
+import itertools
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from minquant.kernels.triton_w4a16 import block_sizes, w4a16_kernel
+ints = ["M", "N", "K", "stride_xm", "stride_xk", "stride_qk", "stride_qn", "stride_zg", "stride_zn",
+        "stride_sg", "stride_sn", "stride_om", "stride_on"]
+n = 0
+for (M, dtype, cap) in itertools.product((1, 64), ("fp16", "bf16"), (80, 90)):
+    bm, bn, bk = block_sizes(M)
+    sig = {"x_ptr": f"*{dtype}", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
+           "g_idx_ptr": "*i32", "out_ptr": f"*{dtype}", **{i: "i32" for i in ints},
+           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+    src = ASTSource(w4a16_kernel, sig, constexprs={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk})
+    assert len(triton.compile(src, target=GPUTarget("cuda", cap, 32)).asm["cubin"]) > 1000
+    n += 1
+print("compiled", n)
+"""
+
+
+def test_every_configuration_compiles_for_real_gpus():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, no GPU needed
+    run = subprocess.run([sys.executable, "-c", COMPILE_ALL], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "compiled 8" in run.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_full_size_on_gpu():
+    layer = QuantLinear.from_linear(torch.nn.Linear(4096, 4096), QuantConfig(4, 128)).cuda()
+    for M in (1, 16, 512):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(M, 4096, device="cuda", dtype=dtype)
+            y = w4a16_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bias)
+            torch.testing.assert_close(y.double(), reference(x, layer), rtol=2e-2, atol=5e-2)
+
+
+@interpreted
+def test_dispatch():
+    from minquant import kernels
+
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 32), QuantConfig(4, 32))
+    x = torch.randn(3, 64)
+    args = (x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, layer.bias)
+    assert kernels.choose_backend(x, 4) == "torch"  # CPU tensors: the reference
+    torch.testing.assert_close(kernels.dequant_matmul(*args, backend="triton"),
+                               kernels.dequant_matmul(*args, backend="torch"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="handles 4-bit weights, not 3-bit"):
+        kernels.dequant_matmul(*args[:5], 3, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        kernels.dequant_matmul(*args, backend="cuda")
