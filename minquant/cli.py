@@ -53,6 +53,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.update_readme()
         print(f"updated the results tables in {bench.README}")
         return
+    if args.which == "kernels":
+        from minquant.kernels.benchmark import bench_kernels
+
+        print(f"saved {bench_kernels()}")
+        return
     if args.which == "packing":
         path = bench.bench_packing()
         print(f"saved {path}\n\n{bench.packing_table(bench.load_results('packing_smollm2'))}")
@@ -83,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "examples:\n  minquant bench rtn                  # quick CPU protocol: 16 windows\n"
                            "  minquant bench rtn --max-windows 0 --device cuda   # the full test set\n"
                            "  minquant bench readme               # README tables from data/results/"))
-    p.add_argument("which", choices=["rtn", "packing", "readme"],
-                   help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); packing: bytes on disk; "
+    p.add_argument("which", choices=["rtn", "packing", "kernels", "readme"],
+                   help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); packing: bytes on disk; kernels: the W4A16 kernel on a GPU; "
                         "readme: README tables from data/results/")
     p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 windows to score; 0 = all")
     p.add_argument("--seqlen", type=int, default=2048)
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, OSError, RuntimeError) as e:
         print(f"minquant {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

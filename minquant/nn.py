@@ -30,13 +30,13 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> QuantLinear:
         """Quantize an nn.Linear's weight (min/max, round to nearest) into a QuantLinear."""
-        layer = cls(linear.in_features, linear.out_features, cfg, bias=linear.bias is not None)
         w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, cfg, bias=linear.bias is not None).to(w.device)
         scale, zero = gptq_qparams(w, cfg)
         layer.load_packed(quantize(w, scale, zero, cfg), scale, zero)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
-        return layer.to(w.device)
+        return layer
 
     def load_packed(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Store minquant's (q (N, K), scale, zero (N, G)) in the GPTQ buffers."""

@@ -56,8 +56,8 @@ def pack(q: torch.Tensor, bits: int, word_bits: int = 32, dim: int = 0) -> torch
         raise ValueError(f"values must be in 0..{2**bits - 1} to pack in {bits} bits")
     # one integer per chunk holding all its bits (at most lcm(3, 32) = 96 bits: split in words below)
     chunks = q.reshape(*q.shape[:-1], n // values, values)
-    bit_pos = torch.arange(values) * bits  # where each value starts in the chunk's bit stream
-    out = torch.zeros(*chunks.shape[:-1], words, dtype=torch.int64)
+    bit_pos = torch.arange(values, device=q.device) * bits  # where each value starts in the chunk's bit stream
+    out = torch.zeros(*chunks.shape[:-1], words, dtype=torch.int64, device=q.device)
     for w in range(words):  # each output word takes the slice [32w, 32w + 32) of the stream
         shift = bit_pos - w * word_bits
         lo = torch.where(shift >= 0, chunks << shift.clamp(min=0), chunks >> (-shift).clamp(min=0))
@@ -77,8 +77,8 @@ def unpack(packed: torch.Tensor, bits: int, word_bits: int = 32, dim: int = 0) -
     if m % words:
         raise ValueError(f"{m} packed words is not a whole number of {words}-word chunks for {bits} bits")
     chunks = p.reshape(*p.shape[:-1], m // words, words)
-    bit_pos = torch.arange(values) * bits
-    q = torch.zeros(*chunks.shape[:-1], values, dtype=torch.int64)
+    bit_pos = torch.arange(values, device=p.device) * bits
+    q = torch.zeros(*chunks.shape[:-1], values, dtype=torch.int64, device=p.device)
     for w in range(words):
         shift = bit_pos - w * word_bits
         word = chunks[..., w:w + 1]
@@ -118,7 +118,7 @@ def to_gptq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: Quant
         "qweight": pack(q.t(), cfg.bits, dim=0),                                   # [K*bits/32, N]
         "qzeros": pack(zero.t().to(torch.int64) - 1, cfg.bits, dim=1),              # [G, N*bits/32]
         "scales": scale.t().to(torch.float16).contiguous(),                          # [G, N]
-        "g_idx": (torch.arange(K) // (K // G)).to(torch.int32),                      # [K]
+        "g_idx": (torch.arange(K, device=q.device) // (K // G)).to(torch.int32),     # [K]
     }
 
 

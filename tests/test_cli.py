@@ -37,3 +37,9 @@ def test_demo_through_the_installed_command():
     assert "smollm2-135m: 134,515,008 parameters" in run.stdout
     generated = run.stdout.split("smollm2-135m fp32:")[1].splitlines()[0]
     assert len(generated.split()) >= 3  # a real generation, not an empty string
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_kernels_without_gpu_says_why(capsys):
+    assert main(["bench", "kernels"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

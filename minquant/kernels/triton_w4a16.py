@@ -63,9 +63,24 @@ def w4a16_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# Autotune lists, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps). tl.dot needs every block >= 16.
+# Decoding (M <= 16): one row-block, wide K steps: each program streams its packed columns once.
+SKINNY_CONFIGS = [(16, 64, 64, 4), (16, 128, 64, 4), (16, 64, 128, 4), (16, 32, 128, 2)]
+# Prefill: square-ish tiles reuse every unpacked weight for many rows.
+GEMM_CONFIGS = [(64, 64, 32, 4), (64, 128, 32, 4), (128, 128, 32, 8), (128, 64, 64, 4)]
+
+
 def block_sizes(M: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): small M decodes, larger M prefills. tl.dot needs every block >= 16."""
-    return (16, 64, 64) if M <= 16 else (64, 64, 32)
+    """The fixed blocks used where there is no autotuning (the CPU interpreter): the lists' first."""
+    return (SKINNY_CONFIGS if M <= 16 else GEMM_CONFIGS)[0][:3]
+
+
+def _autotuned(configs):
+    return triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+                            for m, n, k, w in configs], key=["N", "K"])(w4a16_kernel)
+
+
+_TUNED = {}  # "skinny" / "gemm" -> autotuned kernel, built on first GPU use
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -84,13 +99,18 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     # (2) allocate
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    # (3) launch
-    BM, BN, BK = block_sizes(M)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    w4a16_kernel[grid](x2, qweight, qzeros, scales, g_idx, out, M, N, K,
-                       x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), qzeros.stride(0),
-                       qzeros.stride(1), scales.stride(0), scales.stride(1), out.stride(0), out.stride(1),
-                       BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    # (3) launch: autotuned on a GPU, fixed blocks in the interpreter
+    args = (x2, qweight, qzeros, scales, g_idx, out, M, N, K, x2.stride(0), x2.stride(1), qweight.stride(0),
+            qweight.stride(1), qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
+            out.stride(0), out.stride(1))
+    if x.is_cuda:
+        path = "skinny" if M <= 16 else "gemm"
+        if path not in _TUNED:
+            _TUNED[path] = _autotuned(SKINNY_CONFIGS if path == "skinny" else GEMM_CONFIGS)
+        _TUNED[path][lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args)
+    else:
+        BM, BN, BK = block_sizes(M)
+        w4a16_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](*args, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
     if bias is not None:
         out += bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], N)
