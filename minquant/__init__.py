@@ -11,8 +11,13 @@ Modules follow the course (see notebooks/ and DESIGN in the README):
     nn      - QuantLinear: packed weights, forward through `kernels`    (notebook 05)
     checkpoint - save/load GPTQ checkpoints that other tools read       (notebook 05)
     data    - WikiText-2 and C4 text for evaluation and calibration    (notebooks 04, 07)
+    calibrate - the block-by-block driver over calibration data        (notebook 07)
+    gptq    - GPTQ: Hessian-guided column-by-column rounding            (notebook 07)
+    api     - `minquant.quantize(model, method="gptq", ...)`
     bench   - benchmarks that write data/results/*.json                 (`minquant bench`)
     course  - `check(answer, expected)` for the notebooks' exercises
     cli     - the `minquant` command: `minquant memory MODEL`, `minquant demo`
 """
 __version__ = "0.1.0"
+
+from minquant.api import quantize  # noqa: E402  (the front door: minquant.quantize(model, ...))

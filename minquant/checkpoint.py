@@ -22,12 +22,14 @@ from minquant.nn import QuantLinear
 from minquant.quant import QuantConfig
 
 
-def quantization_config(cfg: QuantConfig, skip: tuple[str, ...] = ()) -> dict:
-    """The `quantization_config` block of config.json for GPTQ v1 checkpoints."""
-    return {"quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": False,
-            "sym": cfg.symmetric, "static_groups": False, "true_sequential": True,
-            "checkpoint_format": "gptq", "damp_percent": 0.01, "modules_in_block_to_quantize": None,
-            "quantized_by": "minquant", "skipped_modules": list(skip)}
+def quantization_config(cfg: QuantConfig, skip: tuple[str, ...] = (), *, method: str = "rtn", desc_act: bool = False,
+                        static_groups: bool = False, damp_percent: float = 0.01) -> dict:
+    """The `quantization_config` block of config.json for GPTQ v1 checkpoints (also for RTN/AWQ weights:
+    the format is the same, `method` says how the integers were chosen)."""
+    return {"quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": desc_act,
+            "sym": cfg.symmetric, "static_groups": static_groups, "true_sequential": True,
+            "checkpoint_format": "gptq", "damp_percent": damp_percent, "modules_in_block_to_quantize": None,
+            "quantized_by": "minquant", "method": method, "skipped_modules": list(skip)}
 
 
 def _quantized_configs(model) -> set[QuantConfig]:
@@ -50,7 +52,12 @@ def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = t
         state.pop("lm_head.weight", None)  # stored once, as the embedding
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     config = copy.deepcopy(model.config)
-    config.quantization_config = quantization_config(cfg, ("lm_head",))
+    known = getattr(model.config, "quantization_config", None)  # set by minquant.quantize: how it was made
+    made_by_us = isinstance(known, dict) and known.get("quantized_by") == "minquant"
+    extra = {k: known[k] for k in ("method", "static_groups", "damp_percent")} if made_by_us else {}
+    permuted = any(not torch.equal(m.g_idx.long(), torch.arange(m.in_features, device=m.g_idx.device) // (m.in_features // m.cfg.groups(m.in_features)))
+                   for m in model.modules() if isinstance(m, QuantLinear))
+    config.quantization_config = quantization_config(cfg, ("lm_head",), desc_act=permuted or bool(made_by_us and known["desc_act"]), **extra)
     config.dtype = dtype
     config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
@@ -84,8 +91,6 @@ def read_quantization_config(folder: str | Path) -> dict:
         found = FORMAT_HINTS.get(method if method != "gptq" else fmt, f"quant_method={method!r}")
         raise ValueError(f"{folder} holds {found} (quant_method={method!r}, checkpoint_format={fmt!r}); "
                          "minquant loads GPTQ v1 checkpoints (quant_method 'gptq', checkpoint_format 'gptq')")
-    if qc.get("desc_act"):
-        raise ValueError(f"{folder} uses act-order (desc_act=true), which minquant cannot load yet")
     return qc
 
 

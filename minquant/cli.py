@@ -2,6 +2,7 @@
 
     minquant memory meta-llama/Llama-2-70b-hf     # bytes per format, GPUs needed, decode bound
     minquant memory smollm2-135m --group-size 64 --linears-only
+    minquant quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out smollm2-w4g64
     minquant bench rtn                            # RTN perplexity table -> data/results/
     minquant demo                                 # what `make demo` runs
 """
@@ -46,6 +47,31 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\n(load and generate: {time.perf_counter() - start:.1f} s)")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import minquant
+    from minquant.checkpoint import save_quantized
+    from minquant.models import load_model
+
+    print(f"loading {args.model} ...")
+    model, tokenizer = load_model(args.model)
+    start = time.perf_counter()
+    minquant.quantize(model, args.method, tokenizer=tokenizer, bits=args.bits, group_size=args.group_size,
+                      sym=args.sym, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
+                      calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed,
+                      device=args.device)
+    seconds = time.perf_counter() - start
+    out = save_quantized(model, tokenizer, args.out)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"\n{args.method.upper()} W{args.bits} g{args.group_size}{' sym' if args.sym else ''}"
+          f"{' act-order' if args.act_order else ''}: quantized in {seconds:.1f} s; "
+          f"saved {out} ({size / 1e6:.1f} MB of weights)")
+    if args.eval_windows:
+        from minquant.eval import perplexity
+
+        r = perplexity(model.float(), tokenizer, "wikitext2", max_windows=args.eval_windows)
+        print(f"WikiText-2 test perplexity ({r.windows} windows of {r.seqlen}): {r.ppl:.3f}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from minquant import bench
 
@@ -57,6 +83,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from minquant.kernels.benchmark import bench_kernels
 
         print(f"saved {bench_kernels()}")
+        return
+    if args.which == "gptq":
+        from minquant.bench_gptq import bench_gptq, gptq_table
+
+        path = bench_gptq(only=args.only, redo=args.redo)
+        print(f"saved {path}\n\n{gptq_table(bench.load_results('gptq_smollm2'))}")
         return
     if args.which == "packing":
         path = bench.bench_packing()
@@ -83,14 +115,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linears-only", action="store_true", help="keep embeddings and lm_head in fp16")
     p.set_defaults(func=cmd_memory)
 
+    p = sub.add_parser("quantize", help="quantize a model (RTN or GPTQ) and save a GPTQ checkpoint",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+                           "examples:\n  minquant quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out smollm2-gptq\n"
+                           "  minquant quantize smollm2-135m --method rtn --bits 8 --group-size -1 --out smollm2-w8\n"
+                           "  minquant quantize meta-llama/Llama-3.2-1B --bits 4 --act-order --device cuda --out llama-gptq\n"
+                           "  minquant quantize smollm2-135m --bits 3 --group-size 64 --eval-windows 16 --out w3"))
+    p.add_argument("model", help="packaged name (smollm2-135m), local folder, or Hugging Face id")
+    p.add_argument("--out", required=True, help="folder to write the checkpoint to")
+    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="-1 = per channel")
+    p.add_argument("--sym", action="store_true", help="symmetric (zero-point fixed at 2**(bits-1))")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal (desc_act)")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ with act-order: group ranges fixed up front")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, fraction of H's mean diagonal")
+    p.add_argument("--calib", default="c4", choices=["c4", "wikitext2"], help="calibration text")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="where each block is quantized (cuda, cpu); default: the model's")
+    p.add_argument("--eval-windows", type=int, default=0, help="also score N WikiText-2 test windows of 2048 tokens")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("bench", help="measure and save numbers to data/results/",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
                            "examples:\n  minquant bench rtn                  # quick CPU protocol: 16 windows\n"
                            "  minquant bench rtn --max-windows 0 --device cuda   # the full test set\n"
+                           "  minquant bench gptq --only 'fp32' '*W4 g64 sym*'   # part of the GPTQ sweep\n"
                            "  minquant bench readme               # README tables from data/results/"))
-    p.add_argument("which", choices=["rtn", "packing", "kernels", "readme"],
-                   help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); packing: bytes on disk; kernels: the W4A16 kernel on a GPU; "
-                        "readme: README tables from data/results/")
+    p.add_argument("which", choices=["rtn", "gptq", "packing", "kernels", "readme"],
+                   help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); gptq: GPTQ vs RTN vs llm-compressor on "
+                        "SmolLM2; packing: bytes on disk; kernels: the W4A16 kernel on a GPU; readme: README tables from data/results/")
+    p.add_argument("--only", nargs="+", metavar="PATTERN", help="gptq: run only the entries whose label matches "
+                   "(e.g. 'GPTQ W4 g64*' 'fp32'); entries already saved are skipped")
+    p.add_argument("--redo", action="store_true", help="gptq: measure selected entries again even if saved")
     p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 windows to score; 0 = all")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cpu")

@@ -134,3 +134,72 @@ def _hub_call(fn, name: str, source: str, **kwargs):
             raise
         raise OSError(f"could not load {name!r} from the Hugging Face Hub (offline, or a typo?). "
                       f"Packaged models that work offline: {', '.join(PACKAGED)}.\n{e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture table: where a model's repeated blocks are, and which linears each holds.
+# Used by calibrate.py (GPTQ, AWQ). Adding a family = adding one entry here.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Architecture:
+    blocks: str  # dotted path of the ModuleList of repeated blocks (decoder or encoder layers)
+    # The block's linears in the order its forward runs them. The linears of one group read the
+    # same input (q/k/v after the attention norm), so they share one Hessian and one calibration pass.
+    groups: tuple[tuple[str, ...], ...]
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.groups for name in group)
+
+
+LLAMA = Architecture(
+    blocks="model.layers",
+    groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)))
+OPT = Architecture(
+    blocks="model.decoder.layers",
+    groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
+            ("fc1",), ("fc2",)))
+BERT = Architecture(  # BertModel (AutoModel), e.g. all-MiniLM-L6-v2
+    blocks="encoder.layer",
+    groups=(("attention.self.query", "attention.self.key", "attention.self.value"),
+            ("attention.output.dense",), ("intermediate.dense",), ("output.dense",)))
+
+# config.model_type -> its architecture. Mistral, Qwen2/3 and SmolLM2 name their layers as Llama does.
+ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "opt": OPT, "bert": BERT}
+
+
+def architecture(model) -> Architecture:
+    """The model's entry in ARCHITECTURES, checked against the model; a clear error for other families."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model family {model_type!r} is not in minquant's architecture table; supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))}. To add it, add an Architecture entry (the path of "
+                         f"its blocks, its linears in forward order) to ARCHITECTURES in minquant/models.py")
+    arch = ARCHITECTURES[model_type]
+    blocks = find_blocks(model, arch)
+    missing = [n for n in arch.linears if not isinstance(_get(blocks[0], n), torch.nn.Linear)]
+    if missing:
+        raise ValueError(f"{model_type} block 0 has no linear layer(s) {', '.join(missing)}: "
+                         "the architecture table in minquant/models.py does not match this model")
+    extra = sorted(n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear) and n not in arch.linears)
+    if extra:
+        raise ValueError(f"{model_type} block 0 has linear layer(s) {', '.join(extra)} that the architecture "
+                         "table in minquant/models.py does not list; add them to its groups")
+    return arch
+
+
+def find_blocks(model, arch: Architecture) -> torch.nn.ModuleList:
+    """The ModuleList of blocks; accepts a model with or without its head (`model.` prefix optional)."""
+    for path in (arch.blocks, arch.blocks.removeprefix("model.")):
+        blocks = _get(model, path)
+        if isinstance(blocks, torch.nn.ModuleList):
+            return blocks
+    raise ValueError(f"no ModuleList of blocks at {arch.blocks!r} in {type(model).__name__}")
+
+
+def _get(module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module

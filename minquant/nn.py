@@ -38,9 +38,22 @@ class QuantLinear(nn.Module):
             layer.bias.copy_(linear.bias.detach())
         return layer
 
-    def load_packed(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        """Store minquant's (q (N, K), scale, zero (N, G)) in the GPTQ buffers."""
-        for name, t in to_gptq(q, scale, zero, self.cfg).items():
+    @classmethod
+    @torch.no_grad()
+    def from_quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor | None,
+                       cfg: QuantConfig, bias: torch.Tensor | None = None) -> QuantLinear:
+        """A QuantLinear holding integers q (N, K) and their scale/zero (N, G) from any method (GPTQ, AWQ)."""
+        N, K = q.shape
+        layer = cls(K, N, cfg, bias=bias is not None).to(q.device)
+        layer.load_packed(q, scale, zero, g_idx)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def load_packed(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    g_idx: torch.Tensor | None = None) -> None:
+        """Store minquant's (q (N, K), scale, zero (N, G), optional g_idx (K,)) in the GPTQ buffers."""
+        for name, t in to_gptq(q, scale, zero, self.cfg, g_idx).items():
             getattr(self, name).copy_(t)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

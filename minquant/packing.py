@@ -104,8 +104,13 @@ def check_packable(N: int, K: int, cfg: QuantConfig) -> None:
                              f"{dim} = {size} must be a multiple of {values}")
 
 
-def to_gptq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig) -> dict[str, torch.Tensor]:
-    """minquant's (q, scale, zero) of a (N, K) weight -> the GPTQ v1 tensors."""
+def to_gptq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig,
+            g_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """minquant's (q, scale, zero) of a (N, K) weight -> the GPTQ v1 tensors.
+
+    `g_idx` (K,) gives each input column's group; by default column k is in group k // group_size.
+    GPTQ's act-order produces other assignments (each group still holds group_size columns).
+    """
     N, K = q.shape
     check_packable(N, K, cfg)
     if not torch.equal(zero, zero.round()):
@@ -114,11 +119,15 @@ def to_gptq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: Quant
         raise ValueError("the GPTQ v1 format stores zero - 1, so a zero-point of 0 cannot be stored; "
                          "use gptq_qparams(), which widens such groups by one step")
     G = cfg.groups(K)
+    if g_idx is None:
+        g_idx = torch.arange(K, device=q.device) // (K // G)
+    elif g_idx.shape != (K,) or g_idx.min() < 0 or g_idx.max() >= G:
+        raise ValueError(f"g_idx must hold K={K} group numbers in [0, {G}), got shape {tuple(g_idx.shape)}")
     return {
         "qweight": pack(q.t(), cfg.bits, dim=0),                                   # [K*bits/32, N]
         "qzeros": pack(zero.t().to(torch.int64) - 1, cfg.bits, dim=1),              # [G, N*bits/32]
         "scales": scale.t().to(torch.float16).contiguous(),                          # [G, N]
-        "g_idx": (torch.arange(K, device=q.device) // (K // G)).to(torch.int32),     # [K]
+        "g_idx": g_idx.to(torch.int32),                                              # [K]
     }
 
 

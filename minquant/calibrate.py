@@ -1,0 +1,248 @@
+"""Drive a model block by block over calibration data: the one place GPTQ (and AWQ) touch a model.
+
+Derived in notebooks/07_gptq.ipynb. Quantizing a 70B model must not need the whole model on the
+GPU, so we never run the model as a whole. Instead:
+
+    1. run the model on the calibration windows only until the first block, and keep what that
+       block receives (hidden states, plus keyword arguments: attention mask, rotary embeddings);
+    2. for each block in turn: move it to the device; for each group of linears, in the order the
+       forward runs them (q/k/v, then o, then gate/up, then down: "true sequential"), run the block
+       over the calibration batches up to that group, accumulate H = 2 X X^T / n from the group's
+       input, and let the caller quantize the group; then run the whole block to produce the next
+       block's inputs, and move it back.
+
+Later groups therefore see the outputs of already-quantized linears. Each pass stops as soon as
+the group's input is known (`StopForward`), and a finished part of the block (a quantized linear,
+or `self_attn` once all its linears are quantized) is recorded the first time it runs and replayed
+afterwards, since neither its input nor its weights change any more. So the passes cost not much
+more than one forward through the block, for some memory (`replay=False` trades it back).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from minquant.models import Architecture, architecture, find_blocks
+
+
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward is not computed."""
+
+
+def batched(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """(n, seqlen) token ids -> list of (b, seqlen) batches; a clear error for no or empty data."""
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] == 0:
+        raise ValueError(f"calibration data must be (n >= 1, seqlen >= 1) token ids, got shape {tuple(windows.shape)}")
+    return list(windows.split(batch_size))
+
+
+def _to(x, device):
+    """Move tensors (also inside tuples/dicts, e.g. rotary (cos, sin)) to device."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, tuple | list):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _move_all_but(module: nn.Module, keep: nn.Module, device) -> None:
+    """Move every parameter and buffer of `module` to device, except those inside `keep`."""
+    for child in module.children():
+        if child is keep:
+            continue
+        if any(m is keep for m in child.modules()):
+            _move_all_but(child, keep, device)
+        else:
+            child.to(device)
+    for name, p in module._parameters.items():
+        if p is not None:
+            p.data = p.data.to(device)
+    for name, b in module._buffers.items():
+        if b is not None:
+            module._buffers[name] = b.to(device)
+
+
+@contextlib.contextmanager
+def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device):
+    """Embeddings, rotary tables, final norm on `device` for the duration; always moved back."""
+    home = next(model.parameters()).device
+    _move_all_but(model, blocks, device)
+    try:
+        yield
+    finally:
+        _move_all_but(model, blocks, home)
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, batches: list[torch.Tensor], device=None) -> tuple[list, list[dict]]:
+    """What the first block receives for each batch: (hidden states, keyword arguments)."""
+    arch = architecture(model)
+    blocks = find_blocks(model, arch)
+    device = device or next(model.parameters()).device
+    inputs, kwargs = [], []
+
+    def catch(module, args, kw):
+        inputs.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise StopForward
+
+    # no KV cache: it would hold every batch's keys and values for nothing
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with _outside_blocks_on(model, blocks, device):
+            for ids in batches:
+                with contextlib.suppress(StopForward):
+                    model(input_ids=ids.to(device), **extra)
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def _run(block: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
+    out = block(x, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Replay:
+    """Record a finished module's output per batch the first time it runs, then return it instead."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.outputs, self.batch = module, [], 0
+        module.forward = self  # an instance attribute wins over the class's forward
+
+    def __call__(self, *args, **kwargs):
+        if self.batch < len(self.outputs):
+            out, versions = self.outputs[self.batch]
+            if _versions(out) != versions:  # the caller changed our stored tensor in place: it is stale
+                raise RuntimeError(f"{type(self.module).__name__}'s output was modified in place after it was "
+                                   "recorded; run the driver with replay=False for this model")
+            return out
+        out = type(self.module).forward(self.module, *args, **kwargs)
+        if self.batch == len(self.outputs):
+            self.outputs.append((out, _versions(out)))
+        return out
+
+    def remove(self) -> None:
+        del self.module.forward
+        self.outputs = []
+
+
+def _versions(x) -> tuple:
+    """Every tensor's in-place modification counter: to notice if a replayed output was changed."""
+    if isinstance(x, torch.Tensor):
+        return (x._version,)
+    return tuple(v for item in x for v in _versions(item)) if isinstance(x, tuple | list) else ()
+
+
+def finished_modules(block: nn.Module, done: set[str]) -> list[str]:
+    """The largest submodules of `block` whose linears are all quantized (e.g. `self_attn` once o_proj is).
+
+    Their inputs come from earlier, already-quantized parts of the block, so their outputs are
+    final: they can be recorded once and replayed in later passes.
+    """
+    found: list[str] = []
+    for name, module in block.named_modules():  # a parent comes before its children
+        if not name or any(name.startswith(f + ".") for f in found):
+            continue
+        linears = {n for n, m in module.named_modules(prefix=name) if isinstance(m, nn.Linear)}
+        if linears and linears <= done:
+            found.append(name)
+    return found
+
+
+GroupQuantizer = Callable[[dict[str, nn.Linear], torch.Tensor], None]
+
+
+@torch.no_grad()
+def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: GroupQuantizer, *, device=None,
+                    batch_size: int = 8, replay: bool = True, progress: bool = True, desc: str = "blocks") -> dict:
+    """Run the block-by-block driver; `quantize_group({name: linear}, H)` quantizes one group in place.
+
+    Returns timings and peak memory. The model keeps its device; each block visits `device` in turn.
+    """
+    arch: Architecture = architecture(model)
+    blocks = find_blocks(model, arch)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    batches = batched(windows, batch_size)
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    inputs, kwargs = block_inputs(model, batches, device)
+    kwargs = [_to(kw, device) for kw in kwargs]
+    for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
+        block.to(device)
+        replays: dict[str, _Replay] = {}
+        done: set[str] = set()
+        try:
+            for group in arch.groups:
+                linears = {f"{prefix}.{i}.{name}": block.get_submodule(name) for name in group}
+                H = _hessian(block, linears[f"{prefix}.{i}.{group[0]}"], inputs, kwargs, list(replays.values()))
+                quantize_group(linears, H)
+                del H
+                done |= set(group)
+                for name in finished_modules(block, done) if replay else ():
+                    if name not in replays:
+                        replays[name] = _Replay(block.get_submodule(name))
+            inputs = _outputs(block, inputs, kwargs, list(replays.values()))
+        finally:
+            for r in replays.values():
+                r.remove()
+        block.to(home)
+    report = {"seconds": time.perf_counter() - start, "blocks": len(blocks),
+              "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "device": str(device)}
+    if device.type == "cuda":
+        report["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+    return report
+
+
+def _for_each_batch(replays: list[_Replay], inputs: list, kwargs: list[dict], fn) -> list:
+    outs = []
+    for b, (x, kw) in enumerate(zip(inputs, kwargs)):
+        for r in replays:
+            r.batch = b
+        outs.append(fn(x, kw))
+    return outs
+
+
+def _hessian(block: nn.Module, first: nn.Linear, inputs: list, kwargs: list[dict], replays: list[_Replay]) -> torch.Tensor:
+    """H = 2 X X^T / n of the input of `first` over all calibration tokens, in float32 (K, K)."""
+    K = first.in_features
+    H = torch.zeros(K, K, device=first.weight.device)
+    n = 0
+
+    def accumulate(module, args):
+        nonlocal n
+        x = args[0].reshape(-1, K).float()
+        for i in range(0, K, tile):  # only the lower triangle of the symmetric X^T X: a third less work
+            H[i:, i:i + tile].addmm_(x[:, i:].T, x[:, i:i + tile])
+        n += x.shape[0]
+        raise StopForward  # the rest of the block is not needed for this group
+
+    tile = max(64, -(-K // 4))
+    handle = first.register_forward_pre_hook(accumulate)
+    try:
+        def run(x, kw):
+            with contextlib.suppress(StopForward):
+                _run(block, x, kw)
+        _for_each_batch(replays, inputs, kwargs, run)
+    finally:
+        handle.remove()
+    if n == 0:
+        raise RuntimeError("the block never called its first linear: the architecture table does not match the model")
+    H = H.tril() + H.tril(-1).T
+    return H.mul_(2 / n)
+
+
+def _outputs(block: nn.Module, inputs: list, kwargs: list[dict], replays: list[_Replay]) -> list:
+    return _for_each_batch(replays, inputs, kwargs, lambda x, kw: _run(block, x, kw))

@@ -1,0 +1,198 @@
+"""GPTQ (Frantar et al. 2022): quantize a weight matrix so that its *outputs* stay close.
+
+Derived in notebooks/07_gptq.ipynb. RTN rounds each weight on its own. GPTQ rounds the columns of
+W (N, K) one at a time and, after each, moves the not-yet-rounded columns to cancel the error it
+just made, as measured on calibration inputs X (K, n):
+
+    minimise ||W X - Q X||^2   whose curvature is the Hessian  H = 2 X X^T / n   (K, K).
+
+Rounding column j costs err_j = (w_j - q_j) / [H^-1]_jj, and the best correction of the columns
+still to come is  W[:, j+1:] -= err_j * [H^-1]_{j, j+1:}  (OBQ's update, with H^-1 of the remaining
+columns). GPTQ's three ideas make that fast and stable:
+    1. a fixed column order for all rows, so one H^-1 serves every row;
+    2. lazy batches: apply the updates inside a block of `block_size` columns at once, and to
+       the columns after the block with one matmul;
+    3. Cholesky: the rows of H^-1 for "the remaining columns" are the rows of the upper Cholesky
+       factor of H^-1, so no inverse is ever updated.
+Groups pick their scale and zero-point when the sweep enters them (from the already-corrected
+weights), or up front from the original weights with `static_groups`. `act_order` sweeps the
+columns in order of decreasing H_jj (most-used inputs first) and returns `g_idx`, the group of
+each original column, which packing and the kernels honour.
+
+This module knows nothing of models: tensors in, tensors out. `calibrate.py` supplies H.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from minquant.packing import gptq_qparams
+from minquant.quant import QuantConfig
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4  # 2..8
+    group_size: int = 128  # input columns sharing a scale/zero; -1 = one per output row
+    sym: bool = False  # symmetric (zero fixed at 2**(bits-1)) or min/max with an integer zero-point
+    damp: float = 0.01  # added to H's diagonal, as a fraction of its mean: keeps H invertible
+    block_size: int = 128  # columns per lazy batch (a speed knob: the result does not depend on it)
+    act_order: bool = False  # sweep columns by decreasing H_jj ("desc_act")
+    static_groups: bool = False  # with act_order: fix every group's scale/zero from the original W first
+
+    def __post_init__(self):
+        self.quant  # validates bits and group_size
+        if not 0 < self.damp <= 1:
+            raise ValueError(f"damp is a fraction of H's mean diagonal, in (0, 1]; got {self.damp!r}")
+        if not (isinstance(self.block_size, int) and self.block_size >= 1):
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+
+    @property
+    def quant(self) -> QuantConfig:
+        """The storage format: what QuantLinear, packing and checkpoints need to know."""
+        return QuantConfig(bits=self.bits, group_size=self.group_size, symmetric=self.sym)
+
+
+class GPTQResult(NamedTuple):
+    q: torch.Tensor  # (N, K) uint8 integers, original column order
+    scale: torch.Tensor  # (N, G) float32 (fp16-representable, as stored)
+    zero: torch.Tensor  # (N, G) float32 integers
+    g_idx: torch.Tensor  # (K,) int32: the group of each input column
+    loss: float  # the sweep's sum of OBQ costs: ||(W - Q) X||^2 / n for H = 2 X X^T / n (up to damping)
+    damp: float  # the damping really used (raised if H needed more to be positive definite)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight (N, K) the quantized layer computes with."""
+        g = self.g_idx.long()
+        return ((self.q.float() - self.zero[:, g]) * self.scale[:, g]).to(dtype)
+
+
+def hessian_inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp x10 until H is positive definite."""
+    K = H.shape[0]
+    mean_diag = H.diagonal().mean()
+    eye = torch.eye(K, dtype=H.dtype, device=H.device)
+    for attempt in range(retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                if attempt:
+                    warnings.warn(f"H was not positive definite: damping raised to {damp:g} of its mean diagonal")
+                return U, damp
+        damp *= 10
+    raise ValueError(f"H is not positive definite even with damping {damp / 10:g}; are the calibration inputs all zero?")
+
+
+def _check(W: torch.Tensor, H: torch.Tensor) -> None:
+    if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"expected W (N, K) and H (K, K), got W {tuple(W.shape)} and H {tuple(H.shape)}")
+    for name, t in (("W", W), ("H", H)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} has NaN/Inf values")
+
+
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResult:
+    """Quantize W (N, K) column by column, spreading each rounding error over the columns to come via H (K, K)."""
+    _check(W, H)
+    qc = cfg.quant
+    N, K = W.shape
+    G = qc.groups(K)
+    g = K // G
+    W, H = W.detach().float().clone(), H.detach().float().clone()
+
+    dead = H.diagonal() == 0  # inputs that were always zero: their weights never matter
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    # Scale/zero of every group from the original W: used per channel, or with static_groups.
+    fixed = None
+    if G == 1 or cfg.static_groups:
+        fixed = gptq_qparams(W, qc)  # (N, G) each
+
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if cfg.act_order else torch.arange(K, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp = hessian_inverse_cholesky(H, cfg.damp)
+
+    # Work on W^T (K, N) so that the column being rounded, and each update, is one contiguous row.
+    Wt, Qt = W.t().contiguous(), torch.zeros(K, N, device=W.device)
+    scale, zero = torch.zeros(G, N, device=W.device), torch.zeros(G, N, device=W.device)
+    group_of = (perm // g if fixed is not None else torch.arange(K, device=W.device) // g).tolist()  # by swept position
+    if fixed is not None:
+        scale, zero = fixed[0].t().contiguous(), fixed[1].t().contiguous()
+    loss = 0.0
+    B = max(g, cfg.block_size // g * g) if fixed is None else cfg.block_size  # groups never straddle blocks
+    for i1 in range(0, K, B):
+        i2 = min(i1 + B, K)
+        W1, Hinv1 = Wt[i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i  # position in the sweep
+            if fixed is None and j % g == 0:  # entering a group: its range from the weights as corrected so far
+                s, z = gptq_qparams(W1[i:i + g].t(), QuantConfig(qc.bits, -1, qc.symmetric))
+                scale[j // g], zero[j // g] = s[:, 0], z[:, 0]
+            s, z = scale[group_of[j]], zero[group_of[j]]
+            w = W1[i]
+            q = torch.round(w / s).add_(z).clamp_(qc.minq, qc.maxq)
+            err = (w - (q - z) * s).div_(Hinv1[i, i])
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # OBQ's update of the columns to come
+            Err1[i], Qt[j] = err, q
+        loss += float(Err1.double().pow(2).sum()) / 2  # sum of (w - q)^2 / [H^-1]_jj: OBQ's cost of each rounding
+        Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1  # the lazy update of everything after the block
+
+    inv = torch.argsort(perm)
+    g_idx = torch.tensor(group_of, device=W.device)[inv].to(torch.int32)  # group of each original column
+    Q = Qt[inv].t().to(torch.uint8).contiguous()
+    scale, zero = scale.t().contiguous(), zero.t().contiguous()
+    return GPTQResult(Q, scale, zero, g_idx, loss, damp)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole model: the block driver (calibrate.py) supplies each group's H; we quantize its linears.
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQConfig, *, device=None,
+                        batch_size: int = 8, progress: bool = True) -> dict:
+    """GPTQ every linear of every block on calibration `windows` (n, seqlen); linears become QuantLinear.
+
+    Returns a report: total seconds, per-layer loss and damping. lm_head and embeddings stay float.
+    """
+    from minquant.calibrate import quantize_blocks
+    from minquant.models import architecture, find_blocks
+    from minquant.nn import QuantLinear
+    from minquant.packing import check_packable
+
+    arch = architecture(model)
+    for i, block in enumerate(find_blocks(model, arch)):  # check every layer before changing any
+        for name in arch.linears:
+            linear = block.get_submodule(name)
+            try:
+                check_packable(linear.out_features, linear.in_features, cfg.quant)
+            except ValueError as e:
+                raise ValueError(f"block {i} {name}: {e}") from None
+            if not torch.isfinite(linear.weight).all():
+                raise ValueError(f"block {i} {name}: weight has NaN/Inf values; nothing was quantized")
+
+    results: dict[str, GPTQResult] = {}
+
+    def quantize_group(linears: dict[str, torch.nn.Linear], H: torch.Tensor) -> None:
+        for name, linear in linears.items():
+            r = gptq_quantize(linear.weight, H, cfg)
+            linear.weight.data = r.dequantize(linear.weight.dtype)  # later groups see the quantized layer
+            results[name] = GPTQResult(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in r))
+
+    report = quantize_blocks(model, windows, quantize_group, device=device, batch_size=batch_size,
+                             progress=progress, desc=f"GPTQ W{cfg.bits}")
+    for name, r in results.items():
+        linear = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        bias = linear.bias.detach().cpu() if linear.bias is not None else None
+        qlinear = QuantLinear.from_quantized(r.q, r.scale, r.zero, r.g_idx, cfg.quant, bias)
+        setattr(model.get_submodule(parent), child, qlinear.to(linear.weight.device))
+    report["layers"] = {name: {"loss": r.loss, "damp": r.damp} for name, r in results.items()}
+    return report

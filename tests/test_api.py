@@ -1,0 +1,86 @@
+"""minquant.quantize and `minquant quantize`: arguments checked once, checkpoints that reload."""
+import json
+
+import pytest
+import torch
+
+import minquant
+from minquant.checkpoint import load_quantized, save_quantized
+from minquant.nn import QuantLinear
+
+
+def ids(n=8, seqlen=16, seed=0):
+    return torch.randint(0, 64, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_checkpoint_round_trip(tiny_llama, tmp_path, act_order):
+    model = minquant.quantize(tiny_llama, "gptq", bits=4, group_size=32, act_order=act_order, calib=ids(), progress=False)
+    assert model is tiny_llama and sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    assert set(model.quantization_report["layers"]) == {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    save_quantized(model, None, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["method"], qc["desc_act"], qc["bits"], qc["group_size"]) == ("gptq", "gptq", act_order, 4, 32)
+    loaded, _ = load_quantized(tmp_path, dtype=torch.float32)
+    g = "model.layers.1.mlp.down_proj.g_idx"
+    assert torch.equal(loaded.state_dict()[g], model.state_dict()[g])
+    assert act_order != torch.equal(model.state_dict()[g].long(), torch.arange(128) // 32)
+    x = ids(2, 12, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_rtn_through_the_same_front_door(tiny_llama):
+    minquant.quantize(tiny_llama, "rtn", bits=8, group_size=-1, sym=True, progress=False)
+    assert tiny_llama.config.quantization_config["method"] == "rtn"
+    assert all(m.cfg.bits == 8 for m in tiny_llama.modules() if isinstance(m, QuantLinear))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="awq2"), "unknown method 'awq2'; minquant has: rtn, gptq"),
+    (dict(bits=9), "bits must be an integer from 2 to 8"),
+    (dict(bits=1), "bits must be an integer from 2 to 8"),
+    (dict(calib="c4"), "needs the model's tokenizer"),
+    (dict(calib=torch.zeros(0, 16, dtype=torch.long)), "non-empty \\(n, seqlen\\) integer tensor"),
+    (dict(calib=torch.randn(4, 16)), "integer tensor"),
+    (dict(n_samples=0, calib="c4", tokenizer=object()), "n_samples must be at least 1"),
+    (dict(group_size=48, calib=ids()), "group_size 48 does not divide the 64"),
+])
+def test_bad_arguments_are_named(tiny_llama, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        minquant.quantize(tiny_llama, **{"method": "gptq", "group_size": 32, "progress": False, **kwargs})
+    assert not any(isinstance(m, QuantLinear) for m in tiny_llama.modules())
+
+
+def test_calibration_text_shorter_than_one_window(tiny_llama, minilm_tokenizer):
+    with pytest.raises(ValueError, match="fewer than seqlen=10000000"):
+        minquant.quantize(tiny_llama, "gptq", tokenizer=minilm_tokenizer, calib="wikitext2", seqlen=10_000_000,
+                          group_size=32, progress=False)
+
+
+def test_already_quantized_model_is_refused(tiny_llama):
+    minquant.quantize(tiny_llama, "rtn", group_size=32, progress=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        minquant.quantize(tiny_llama, "gptq", group_size=32, calib=ids(), progress=False)
+
+
+def test_cli_quantize_gptq_on_the_real_model(tmp_path, capsys):
+    from minquant.cli import main
+
+    out = tmp_path / "smollm2-gptq"
+    assert main(["quantize", "smollm2-135m", "--bits", "4", "--group-size", "64", "--act-order",
+                 "--n-samples", "2", "--seqlen", "64", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "GPTQ W4 g64 act-order: quantized in" in printed and "MB of weights" in printed
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is True and qc["method"] == "gptq"
+    model, tokenizer = load_quantized(out)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 210  # 7 linears x 30 blocks
+
+
+def test_cli_quantize_error_is_one_line(tmp_path, capsys):
+    from minquant.cli import main
+
+    assert main(["quantize", "smollm2-135m", "--group-size", "128", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: block 0 self_attn.q_proj: group_size 128 does not divide the 576" in err

@@ -1,0 +1,263 @@
+"""GPTQ: the matrix algorithm against RTN and a float64 one-column-at-a-time OBQ reference; the
+block driver against the Hessians a plain forward of the finished model gives."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+from minquant.gptq import GPTQConfig, gptq_quantize, gptq_quantize_model, hessian_inverse_cholesky
+from minquant.nn import QuantLinear
+from minquant.packing import gptq_qparams
+from minquant.quant import QuantConfig, quantize
+
+CONFIGS = [GPTQConfig(4, 32), GPTQConfig(4, -1, sym=True), GPTQConfig(3, 32, act_order=True),
+           GPTQConfig(4, 32, sym=True, act_order=True, static_groups=True), GPTQConfig(2, 64), GPTQConfig(8, 16, sym=True)]
+
+
+def correlated(n=2048, K=128, seed=0):
+    """Inputs with correlated features and uneven scales, like a real layer's; H = 2 X^T X / n."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, K, generator=g) @ torch.randn(K, K, generator=g) * 0.3 + torch.randn(n, K, generator=g)
+    X *= torch.rand(K, generator=g) * 3 + 0.1
+    return X, 2 * X.T @ X / n
+
+
+def rtn(W, cfg: GPTQConfig):
+    s, z = gptq_qparams(W, cfg.quant)
+    return quantize(W, s, z, cfg.quant), s, z
+
+
+def output_error(X, W, W_hat):
+    return float(((X.double() @ (W.double() - W_hat.double()).T) ** 2).sum())
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_identity_hessian_is_exactly_rtn(cfg):
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(1))
+    r = gptq_quantize(W, torch.eye(128), cfg)
+    q, s, z = rtn(W, cfg)
+    assert torch.equal(r.q, q) and torch.equal(r.scale, s) and torch.equal(r.zero, z)
+    assert torch.equal(r.g_idx.long(), torch.arange(128) // (cfg.group_size if cfg.group_size > 0 else 128))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_output_error_below_rtn_and_loss_is_the_output_error(cfg):
+    X, H = correlated()
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
+    r = gptq_quantize(W, H, cfg)
+    q, s, z = rtn(W, cfg)
+    W_rtn = (q.float() - z.repeat_interleave(W.shape[1] // s.shape[1], 1)) * s.repeat_interleave(W.shape[1] // s.shape[1], 1)
+    err_gptq, err_rtn = output_error(X, W, r.dequantize()), output_error(X, W, W_rtn)
+    assert err_gptq < err_rtn
+    # the sweep's summed OBQ costs are exactly the objective 1/2 tr((W - Q) H (W - Q)^T), H damped as GPTQ damps it
+    D = (W - r.dequantize()).double()
+    H_damped = H.double() + r.damp * H.diagonal().mean().double() * torch.eye(128, dtype=torch.float64)
+    assert r.loss == pytest.approx(float((D @ H_damped * D).sum()) / 2, rel=1e-3)
+
+
+def obq_reference(W, H, cfg: GPTQConfig):
+    """Float64, one column at a time, inverting the remaining block of H at every step (no Cholesky,
+    no lazy batches): what GPTQ computes, written the slow and obvious way."""
+    W, H = W.double().clone(), H.double().clone()
+    K = W.shape[1]
+    H += cfg.damp * H.diagonal().mean() * torch.eye(K, dtype=torch.float64)
+    g = K if cfg.group_size == -1 else cfg.group_size
+    one = QuantConfig(cfg.bits, -1, cfg.sym)
+    Q = torch.zeros_like(W)
+    for j in range(K):
+        if j % g == 0:
+            s, z = (t[:, 0].double() for t in gptq_qparams(W[:, j:j + g].float(), one))
+        Hinv = torch.linalg.inv(H[j:, j:])
+        q = (torch.round(W[:, j] / s) + z).clamp(one.minq, one.maxq)
+        Q[:, j] = (q - z) * s
+        err = (W[:, j] - Q[:, j]) / Hinv[0, 0]
+        W[:, j:] -= err[:, None] * Hinv[0][None, :]
+    return Q
+
+
+@pytest.mark.parametrize("cfg", [GPTQConfig(4, 32), GPTQConfig(3, -1, sym=True), GPTQConfig(4, 64, block_size=16)], ids=str)
+def test_matches_float64_obq_reference(cfg):
+    X, H = correlated(K=96 if cfg.group_size != 64 else 128)
+    W = torch.randn(32, H.shape[0], generator=torch.Generator().manual_seed(3))
+    ours = gptq_quantize(W, H, cfg).dequantize().double()
+    ref = obq_reference(W, H, cfg)
+    same = (ours - ref).abs() < 1e-4
+    assert same.float().mean() > 0.99  # float32 vs float64 may flip a rounding tie or two
+    assert output_error(X, W, ours) == pytest.approx(output_error(X, W, ref), rel=0.01)
+
+
+def test_block_size_does_not_change_the_result():
+    X, H = correlated()
+    W = torch.randn(32, 128, generator=torch.Generator().manual_seed(4))
+    a = gptq_quantize(W, H, GPTQConfig(4, 32, block_size=128))
+    b = gptq_quantize(W, H, GPTQConfig(4, 32, block_size=32))
+    assert (a.q != b.q).float().mean() < 0.01
+
+
+def test_act_order_g_idx_is_honoured_by_packing_and_the_reference_kernel():
+    X, H = correlated()
+    W = torch.randn(40, 128, generator=torch.Generator().manual_seed(5))
+    r = gptq_quantize(W, H, GPTQConfig(4, 32, act_order=True))
+    assert not torch.equal(r.g_idx.long(), torch.arange(128) // 32)  # the groups really are permuted
+    assert torch.bincount(r.g_idx.long()).tolist() == [32] * 4  # still group_size columns per group
+    # columns swept first (largest H_jj) are in group 0
+    first = torch.argsort(H.diagonal(), descending=True)[:32]
+    assert set(r.g_idx[first].tolist()) == {0}
+    layer = QuantLinear.from_quantized(r.q, r.scale, r.zero, r.g_idx, QuantConfig(4, 32))
+    torch.testing.assert_close(layer.dequantize_weight(), r.dequantize())
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(layer(x).double(), x.double() @ r.dequantize().double().T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_act_order_helps_when_the_big_inputs_come_last(group_size):
+    """Sweeping the largest inputs first leaves the most columns to absorb their rounding errors."""
+    X, _ = correlated(seed=3)
+    X[:, [120, 121, 122, 127]] *= 30  # a few very large input features, as in LLM activations
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    plain = output_error(X, W, gptq_quantize(W, H, GPTQConfig(3, group_size)).dequantize())
+    ordered = output_error(X, W, gptq_quantize(W, H, GPTQConfig(3, group_size, act_order=True)).dequantize())
+    assert ordered < 0.7 * plain
+
+
+def test_dead_inputs_are_handled():
+    X, _ = correlated(K=64)
+    X[:, [3, 17]] = 0  # two inputs that never fire: H has zero rows and columns
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(16, 64)
+    r = gptq_quantize(W, H, GPTQConfig(4, 32))
+    assert torch.isfinite(r.dequantize()).all()
+    assert (r.dequantize()[:, [3, 17]] == 0).all()  # zeroed: their weights never matter
+    assert output_error(X, W, r.dequantize()) < output_error(X, W, torch.zeros_like(W))
+
+
+def test_not_positive_definite_hessian_gets_more_damping_with_a_warning():
+    _, H = correlated(K=64)
+    lam_min = torch.linalg.eigvalsh(H)[0]
+    H = H - (lam_min + 0.05 * H.diagonal().mean()) * torch.eye(64)  # smallest eigenvalue -5% of the mean diagonal
+    with pytest.warns(UserWarning, match="damping raised to 0.1"):
+        r = gptq_quantize(torch.randn(8, 64), H, GPTQConfig(4, 32))
+    assert r.damp == pytest.approx(0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a healthy H: no warning, damping as asked
+        assert gptq_quantize(torch.randn(8, 64), correlated(K=64)[1], GPTQConfig(4, 32)).damp == 0.01
+    with pytest.raises(ValueError, match="not positive definite"):
+        hessian_inverse_cholesky(-torch.eye(8), 0.01)
+
+
+@pytest.mark.parametrize("bad", [dict(bits=9), dict(bits=1), dict(damp=0), dict(block_size=0), dict(group_size=0)])
+def test_bad_config(bad):
+    with pytest.raises(ValueError):
+        GPTQConfig(**bad)
+
+
+def test_bad_tensors():
+    with pytest.raises(ValueError, match="W \\(N, K\\) and H \\(K, K\\)"):
+        gptq_quantize(torch.randn(4, 32), torch.eye(16), GPTQConfig(4, 32))
+    with pytest.raises(ValueError, match="NaN"):
+        gptq_quantize(torch.full((4, 32), float("nan")), torch.eye(32), GPTQConfig(4, 32))
+    with pytest.raises(ValueError, match="group_size 48 does not divide"):
+        gptq_quantize(torch.randn(4, 64), torch.eye(64), GPTQConfig(4, 48))
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model: the block driver
+# ---------------------------------------------------------------------------------------------
+
+def windows(n=12, seqlen=24, vocab=64, seed=0):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def hessians_of(model, ids, names):
+    """2 X X^T / n of each named linear's input, from one plain forward of the whole model."""
+    H, n = {}, {}
+    def hook(name):
+        def f(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            H[name] = H.get(name, 0) + x.T @ x
+            n[name] = n.get(name, 0) + x.shape[0]
+        return f
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in names]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {name: 2 * H[name] / n[name] for name in names}
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_driver_is_true_sequential(tiny_llama, replay):
+    """Every group's H must come from inputs that already went through every quantized linear
+    before it. Those inputs never change afterwards, so the finished model must reproduce them."""
+    from minquant.calibrate import quantize_blocks
+
+    ids = windows()
+    seen = {}
+
+    def quantize_group(linears, H):
+        for name, linear in linears.items():
+            seen[name] = H.double().clone()
+            linear.weight.data = gptq_quantize(linear.weight, H, GPTQConfig(3, 32)).dequantize()
+
+    quantize_blocks(tiny_llama, ids, quantize_group, batch_size=5, replay=replay, progress=False)
+    assert len(seen) == 14  # 7 linears x 2 blocks
+    expected = hessians_of(tiny_llama, ids, list(seen))
+    for name in seen:
+        torch.testing.assert_close(seen[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_driver_sees_quantized_inputs_not_float_ones(tiny_llama):
+    """The check above has teeth: the float model's Hessians differ from what the driver used."""
+    from minquant.calibrate import quantize_blocks
+
+    ids = windows()
+    float_model = copy.deepcopy(tiny_llama)
+    seen = {}
+
+    def quantize_group(linears, H):
+        for name, linear in linears.items():
+            seen[name] = H.double().clone()
+            linear.weight.data = gptq_quantize(linear.weight, H, GPTQConfig(2, 32)).dequantize()
+
+    quantize_blocks(tiny_llama, ids, quantize_group, progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    assert not torch.allclose(seen[name], hessians_of(float_model, ids, [name])[name], rtol=1e-3)
+
+
+def test_quantize_model_gives_quantlinears_that_compute_what_gptq_chose(tiny_llama):
+    ids = windows()
+    fake = copy.deepcopy(tiny_llama)
+    report = gptq_quantize_model(tiny_llama, ids, GPTQConfig(4, 32, act_order=True), progress=False)
+    layers = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 14 and set(report["layers"]) == set(layers)
+    assert isinstance(tiny_llama.lm_head, torch.nn.Linear)  # the head stays float
+    for name, layer in layers.items():  # the same float weights in a plain model...
+        fake.get_submodule(name).weight.data = layer.dequantize_weight()
+    with torch.no_grad():  # ...compute the same logits as the QuantLinear model
+        torch.testing.assert_close(tiny_llama(ids).logits, fake(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_model_checks_every_layer_first(tiny_llama):
+    tiny_llama.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="block 1 mlp.down_proj: weight has NaN"):
+        gptq_quantize_model(tiny_llama, windows(), GPTQConfig(4, 32), progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in tiny_llama.modules())  # nothing was changed
+    with pytest.raises(ValueError, match="group_size 48 does not divide the 64"):
+        gptq_quantize_model(tiny_llama, windows(), GPTQConfig(4, 48), progress=False)
+
+
+def test_bad_calibration_data(tiny_llama):
+    with pytest.raises(ValueError, match="calibration data must be"):
+        gptq_quantize_model(tiny_llama, torch.zeros(0, 16, dtype=torch.long), GPTQConfig(4, 32), progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in tiny_llama.modules())
+
+
+def test_unknown_family_names_the_supported_ones():
+    import transformers as T
+
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="'gpt2' is not in minquant's architecture table; supported: .*llama.*"
+                                         "add an Architecture entry"):
+        gptq_quantize_model(model, windows(), GPTQConfig(4, 32), progress=False)
