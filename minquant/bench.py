@@ -2,6 +2,7 @@
 
     minquant bench rtn                    # RTN on SmolLM2 (perplexity) and MiniLM (embedding cosine)
     minquant bench packing                # bytes on disk: a 4096^2 layer, SmolLM2 fp32/fp16/int4
+    minquant bench gptq                   # GPTQ vs RTN vs llm-compressor on SmolLM2 (bench_gptq.py)
     minquant bench readme                 # rewrite the README's results tables from data/results/
 
 Every results file records the command, date, machine and versions next to the numbers, so a
@@ -151,7 +152,14 @@ def bench_packing(out: Path | None = None) -> Path:
     return save_results("packing_smollm2", protocol, results, out)
 
 
-TABLES = {"rtn_smollm2": rtn_table, "packing_smollm2": packing_table}  # results file -> its README table
+def _gptq_table(record: dict) -> str:
+    from minquant.bench_gptq import gptq_table
+
+    return gptq_table(record)
+
+
+# results file -> its README table
+TABLES = {"rtn_smollm2": rtn_table, "packing_smollm2": packing_table, "gptq_smollm2": _gptq_table}
 README = RESULTS_DIR.parent.parent / "README.md"
 
 

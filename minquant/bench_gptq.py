@@ -1,5 +1,9 @@
 """`minquant bench gptq`: GPTQ vs RTN vs llm-compressor's GPTQ on SmolLM2, side by side in one run.
 
+Act-order comes in two flavours: groups formed along the sweep order (`g_idx` permuted; GPTQ's
+desc_act) and static groups, whose ranges are fixed on the original contiguous groups first.
+llm-compressor 0.14 has only the second (actorder="static", its default; "group" is refused).
+
 Protocol (the project's quick CPU protocol): calibration 128 windows x 512 tokens from the C4
 slice, seed 0; WikiText-2 test, seqlen 2048, first 16 windows. Every entry is saved as soon as it
 is measured (data/results/gptq_smollm2.json), and a re-run skips entries already there unless
@@ -48,9 +52,11 @@ def entries() -> list[tuple[str, dict]]:
         out += [(f"RTN {s}", {"method": "rtn", "bits": bits, "group_size": g, "sym": sym}),
                 (f"GPTQ {s}", {"method": "gptq", "bits": bits, "group_size": g, "sym": sym}),
                 (f"GPTQ {s} act-order", {"method": "gptq", "bits": bits, "group_size": g, "sym": sym, "act_order": True}),
+                (f"GPTQ {s} act-order static", {"method": "gptq", "bits": bits, "group_size": g, "sym": sym,
+                                                 "act_order": True, "static_groups": True}),
                 (f"llm-compressor GPTQ {s}", {"method": "peer", "bits": bits, "group_size": g, "sym": sym}),
-                (f"llm-compressor GPTQ {s} act-order", {"method": "peer", "bits": bits, "group_size": g, "sym": sym,
-                                                        "actorder": "group"})]
+                (f"llm-compressor GPTQ {s} act-order static", {"method": "peer", "bits": bits, "group_size": g,
+                                                               "sym": sym, "actorder": "static"})]
     return out
 
 
@@ -159,7 +165,8 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
             start = time.perf_counter()
             if spec["method"] != "fp32":
                 minquant.quantize(model, spec["method"], bits=spec["bits"], group_size=spec["group_size"],
-                                  sym=spec["sym"], act_order=spec.get("act_order", False), calib=windows, progress=False)
+                                  sym=spec["sym"], act_order=spec.get("act_order", False),
+                                  static_groups=spec.get("static_groups", False), calib=windows, progress=False)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, data=ids, seqlen=ev["seqlen"], max_windows=ev["windows"], progress=False)
             results[label] = {**spec, "ppl": ppl.ppl, "quantize_seconds": seconds}
@@ -168,14 +175,25 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
 
 
 def gptq_table(record: dict) -> str:
-    """Markdown: one row per scheme, columns RTN / GPTQ / GPTQ act-order / llm-compressor, ppl and seconds."""
-    r = record["results"]
+    """Markdown: perplexity (and quantization seconds) per scheme and method, with the protocol above it."""
+    r, p = record["results"], record["protocol"]
     cell = lambda label: (f"{r[label]['ppl']:.2f} ({r[label]['quantize_seconds']:.0f} s)" if label in r else "—")
-    lines = [f"fp32: {r['fp32']['ppl']:.3f}" if "fp32" in r else "",
-             "| scheme | RTN | GPTQ | GPTQ act-order | llm-compressor GPTQ | llm-compressor act-order |",
-             "|---|---|---|---|---|---|"]
+    peak = lambda prefix: [v["peak_rss_bytes"] / 1e9 for k, v in r.items() if k.startswith(prefix) and "peak_rss_bytes" in v]
+    ours, theirs = peak("GPTQ"), peak("llm-compressor")
+    lines = [f"SmolLM2-135M, WikiText-2 test perplexity (first {p['eval']['windows']} windows of {p['eval']['seqlen']}) "
+             f"and quantization time in seconds. GPTQ calibration: {p['calibration']['n_samples']} x "
+             f"{p['calibration']['seqlen']} tokens of C4, seed {p['calibration']['seed']}, damp {p['damp']}; "
+             f"llm-compressor's `GPTQModifier` on the same windows and the same evaluation. fp32: "
+             f"{r['fp32']['ppl']:.2f}." if "fp32" in r else "", "" if "fp32" in r else None,
+             f"Measured by `minquant bench gptq` on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
+             f"last entry {max(v['measured'] for v in r.values())[:10]}. Peak resident memory: ours "
+             f"{min(ours, default=0):.1f}-{max(ours, default=0):.1f} GB, llm-compressor "
+             f"{min(theirs, default=0):.1f}-{max(theirs, default=0):.1f} GB. — = not measured yet.", "",
+             "| scheme | RTN | GPTQ | act-order | act-order, static groups | llm-compressor GPTQ "
+             "| llm-compressor act-order (static groups) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for bits, g, sym in SCHEMES:
         s = scheme_label(bits, g, sym)
-        lines.append(f"| {s} | {cell(f'RTN {s}')} | {cell(f'GPTQ {s}')} | {cell(f'GPTQ {s} act-order')} | "
-                     f"{cell(f'llm-compressor GPTQ {s}')} | {cell(f'llm-compressor GPTQ {s} act-order')} |")
+        labels = [f"RTN {s}", f"GPTQ {s}", f"GPTQ {s} act-order", f"GPTQ {s} act-order static",
+                  f"llm-compressor GPTQ {s}", f"llm-compressor GPTQ {s} act-order static"]
+        lines.append(f"| {s} | " + " | ".join(cell(label) for label in labels) + " |")
     return "\n".join(line for line in lines if line is not None)

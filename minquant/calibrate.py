@@ -181,10 +181,10 @@ def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: Gro
     inputs, kwargs = block_inputs(model, batches, device)
     kwargs = [_to(kw, device) for kw in kwargs]
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
-        block.to(device)
         replays: dict[str, _Replay] = {}
         done: set[str] = set()
         try:
+            block.to(device)
             for group in arch.groups:
                 linears = {f"{prefix}.{i}.{name}": block.get_submodule(name) for name in group}
                 H = _hessian(block, linears[f"{prefix}.{i}.{group[0]}"], inputs, kwargs, list(replays.values()))
@@ -195,10 +195,10 @@ def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: Gro
                     if name not in replays:
                         replays[name] = _Replay(block.get_submodule(name))
             inputs = _outputs(block, inputs, kwargs, list(replays.values()))
-        finally:
+        finally:  # whatever happens, the model is left as it was found: no replays, every block home
             for r in replays.values():
                 r.remove()
-        block.to(home)
+            block.to(home)
     report = {"seconds": time.perf_counter() - start, "blocks": len(blocks),
               "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "device": str(device)}
     if device.type == "cuda":

@@ -84,3 +84,32 @@ def test_cli_quantize_error_is_one_line(tmp_path, capsys):
     assert main(["quantize", "smollm2-135m", "--group-size", "128", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "error: block 0 self_attn.q_proj: group_size 128 does not divide the 576" in err
+
+
+def test_gptq_on_opt_and_on_a_bert_encoder():
+    """The architecture table's other families: a random OPT decoder and the real MiniLM encoder."""
+    import transformers as T
+
+    from minquant.models import load_model
+
+    torch.manual_seed(0)
+    opt = T.OPTForCausalLM(T.OPTConfig(vocab_size=64, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                       num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=64)).eval()
+    x = ids(2, 12, seed=3)
+    with torch.no_grad():
+        before = opt(x).logits
+    minquant.quantize(opt, "gptq", bits=8, group_size=32, calib=ids(), progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in opt.modules()) == 12
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x).logits, before, rtol=0.05, atol=0.05)  # 8 bits: nearly lossless
+
+    minilm, tok = load_model("minilm-l6")
+    batch = tok(["GPTQ rounds weights with the data in mind.", "A sentence encoder."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = minilm(**batch).last_hidden_state
+    calib = tok(" ".join(["the quick brown fox jumps over the lazy dog"] * 20), return_tensors="pt").input_ids[:, :64]
+    minquant.quantize(minilm, "gptq", bits=4, group_size=32, calib=calib.repeat(4, 1), progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in minilm.modules()) == 6 * 6  # the pooler is not in a block
+    with torch.no_grad():
+        after = minilm(**batch).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(after.mean(1), before.mean(1)).min() > 0.9

@@ -49,3 +49,31 @@ def test_packing_results_support_the_claims():
     assert record["layer_4096"]["ratio_to_fp16"] <= 0.27
     for row in record["smollm2"]:  # files agree with minquant.memory's accounting within 1%
         assert row["file_bytes"] == pytest.approx(row["analytic_bytes"], rel=0.01), row
+
+
+def test_gptq_sweep_labels_and_table():
+    from minquant.bench_gptq import PROTOCOL, SCHEMES, entries, gptq_table
+
+    labels = [label for label, _ in entries()]
+    assert len(labels) == len(set(labels)) == 1 + 6 * len(SCHEMES)
+    assert all(spec["group_size"] in (-1, 64) for _, spec in entries()[1:])  # 576 inputs: no g128
+    record = {"protocol": PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
+        "fp32": {"ppl": 20.0, "quantize_seconds": 0.0, "measured": "2026-01-01 00:00 UTC", "peak_rss_bytes": 1e9},
+        "GPTQ W3 g64 asym act-order": {"ppl": 40.123, "quantize_seconds": 99.6, "measured": "2026-01-02 00:00 UTC",
+                                       "peak_rss_bytes": 3e9}}}
+    table = gptq_table(record)
+    assert "| W3 g64 asym | — | — | 40.12 (100 s) | — | — | — |" in table
+    assert "fp32: 20.00" in table and "last entry 2026-01-02" in table and "ours 3.0-3.0 GB" in table
+
+
+def test_peak_rss_sees_an_allocation():
+    import time
+
+    from minquant.bench_gptq import PeakRSS, _rss
+
+    with PeakRSS() as mem:
+        big = torch.ones(256 * 2**20 // 4)  # 256 MB, touched
+        held = _rss()
+        time.sleep(0.1)  # the sampler looks every 20 ms
+        del big
+    assert mem.peak >= held  # the moment the tensor was alive is in the peak, though it is freed by now

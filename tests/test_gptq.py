@@ -261,3 +261,43 @@ def test_unknown_family_names_the_supported_ones():
     with pytest.raises(ValueError, match="'gpt2' is not in minquant's architecture table; supported: .*llama.*"
                                          "add an Architecture entry"):
         gptq_quantize_model(model, windows(), GPTQConfig(4, 32), progress=False)
+
+
+class _ToyBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin1, self.lin2 = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        y = self.lin1(x)
+        y += 1  # changes lin1's output in place: a recorded copy of it would go stale
+        return x + self.lin2(y)
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"model_type": "toy"})()
+        self.embed = torch.nn.Embedding(64, 32)
+        self.blocks = torch.nn.ModuleList([_ToyBlock(), _ToyBlock()])
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_replay_refuses_outputs_changed_in_place(monkeypatch):
+    """A new family in the table just works, and replay notices a block that edits outputs in place."""
+    from minquant import models
+    from minquant.calibrate import quantize_blocks
+
+    monkeypatch.setitem(models.ARCHITECTURES, "toy", models.Architecture("blocks", (("lin1",), ("lin2",))))
+    quantize = lambda linears, H: None
+    torch.manual_seed(0)
+    model = _Toy()
+    with pytest.raises(RuntimeError, match="modified in place.*replay=False"):
+        quantize_blocks(model, windows(4, 8), quantize, progress=False)
+    quantize_blocks(model, windows(4, 8), quantize, replay=False, progress=False)
+    assert "forward" not in vars(model.blocks[0].lin1)  # replays are always removed

@@ -72,3 +72,21 @@ def test_smollm2_int4_g64(smollm2, tmp_path):
     theirs, mine = third_party_logits(tmp_path / "ckpt", ids, 4, tmp_path)["logits"], ours(tmp_path / "ckpt", ids)
     torch.testing.assert_close(theirs, mine, rtol=2e-3, atol=5e-2)  # logits reach ~30; fp16 weights in their kernel
     assert torch.equal(theirs.argmax(-1), mine.argmax(-1))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_tiny_llama_gptq(act_order, tmp_path):
+    """A GPTQ checkpoint, with act-order's permuted g_idx and desc_act=true, reads the same elsewhere."""
+    import minquant
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = T.LlamaForCausalLM(config).eval()
+    calib = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
+    minquant.quantize(model, "gptq", bits=4, group_size=32, act_order=act_order, calib=calib, progress=False)
+    save_quantized(model, None, tmp_path / "ckpt")
+    ids = torch.arange(24).reshape(2, 12)
+    theirs = third_party_logits(tmp_path / "ckpt", ids, 4, tmp_path)
+    assert "gptqmodel.TorchLinear" in theirs["kinds"], theirs["kinds"]
+    torch.testing.assert_close(theirs["logits"], ours(tmp_path / "ckpt", ids), rtol=1e-3, atol=1e-3)
