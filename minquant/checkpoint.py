@@ -55,8 +55,7 @@ def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = t
     known = getattr(model.config, "quantization_config", None)  # set by minquant.quantize: how it was made
     made_by_us = isinstance(known, dict) and known.get("quantized_by") == "minquant"
     extra = {k: known[k] for k in ("method", "static_groups", "damp_percent")} if made_by_us else {}
-    permuted = any(not torch.equal(m.g_idx.long(), torch.arange(m.in_features, device=m.g_idx.device) // (m.in_features // m.cfg.groups(m.in_features)))
-                   for m in model.modules() if isinstance(m, QuantLinear))
+    permuted = any(m.act_order for m in model.modules() if isinstance(m, QuantLinear))
     config.quantization_config = quantization_config(cfg, ("lm_head",), desc_act=permuted or bool(made_by_us and known["desc_act"]), **extra)
     config.dtype = dtype
     config.save_pretrained(out)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from minquant import kernels
-from minquant.packing import check_packable, from_gptq, gptq_qparams, to_gptq
+from minquant.packing import check_packable, contiguous_g_idx, from_gptq, gptq_qparams, to_gptq
 from minquant.quant import QuantConfig, quantize
 
 
@@ -23,7 +23,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(K * b // 32, N, dtype=torch.int32))
         self.register_buffer("qzeros", torch.zeros(G, N * b // 32, dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(G, N, dtype=torch.float16))
-        self.register_buffer("g_idx", (torch.arange(K) // (K // G)).to(torch.int32))
+        self.register_buffer("g_idx", contiguous_g_idx(K, G))
         self.register_buffer("bias", torch.zeros(N, dtype=torch.float16) if bias else None)
 
     @classmethod
@@ -55,6 +55,11 @@ class QuantLinear(nn.Module):
         """Store minquant's (q (N, K), scale, zero (N, G), optional g_idx (K,)) in the GPTQ buffers."""
         for name, t in to_gptq(q, scale, zero, self.cfg, g_idx).items():
             getattr(self, name).copy_(t)
+
+    @property
+    def act_order(self) -> bool:
+        """Are the input columns' groups permuted (GPTQ act-order), rather than contiguous runs?"""
+        return not torch.equal(self.g_idx, contiguous_g_idx(self.in_features, self.cfg.groups(self.in_features), self.g_idx.device))
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (N, K) this layer computes with (all at once: for inspection, not forward)."""

@@ -104,6 +104,11 @@ def check_packable(N: int, K: int, cfg: QuantConfig) -> None:
                              f"{dim} = {size} must be a multiple of {values}")
 
 
+def contiguous_g_idx(K: int, G: int, device=None) -> torch.Tensor:
+    """The group of each input column without act-order: column k is in group k // (K // G)."""
+    return (torch.arange(K, device=device) // (K // G)).to(torch.int32)
+
+
 def to_gptq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig,
             g_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """minquant's (q, scale, zero) of a (N, K) weight -> the GPTQ v1 tensors.
@@ -120,7 +125,7 @@ def to_gptq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: Quant
                          "use gptq_qparams(), which widens such groups by one step")
     G = cfg.groups(K)
     if g_idx is None:
-        g_idx = torch.arange(K, device=q.device) // (K // G)
+        g_idx = contiguous_g_idx(K, G, q.device)
     elif g_idx.shape != (K,) or g_idx.min() < 0 or g_idx.max() >= G:
         raise ValueError(f"g_idx must hold K={K} group numbers in [0, {G}), got shape {tuple(g_idx.shape)}")
     return {
