@@ -179,6 +179,13 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
             results[label] = {**spec, "ppl": ppl.ppl, "quantize_seconds": seconds}
     results[label].setdefault("peak_rss_bytes", mem.peak)  # the peer reports its own process's peak
     results[label]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results[label]["commit"] = _commit()  # timings of our entries depend on the code that made them
+
+
+def _commit() -> str | None:
+    """The minquant git commit this ran from (None outside a git checkout)."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def gptq_table(record: dict) -> str:
