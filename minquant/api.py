@@ -15,7 +15,8 @@ METHODS = ("rtn", "gptq")
 
 @torch.no_grad()
 def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, group_size: int = 128,
-             sym: bool = False, act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
+             sym: bool = False, act_order: bool = False, static_groups: bool = False, search_range: bool = False,
+             damp: float = 0.01,
              calib: str | torch.Tensor = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0,
              device=None, batch_size: int = 8, progress: bool = True):
     """Quantize `model`'s linear layers in place into QuantLinear (GPTQ layout) and return the model.
@@ -32,8 +33,10 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
     cfg = GPTQConfig(bits=bits, group_size=group_size, sym=sym, damp=damp, act_order=act_order,
-                     static_groups=static_groups)  # validates the numbers for either method
+                     static_groups=static_groups, search_range=search_range)  # validates the numbers for either method
     if method == "rtn":
+        if search_range:
+            raise ValueError("search_range is a GPTQ option; RTN here rounds each group's min/max range")
         from minquant.rtn import quantize_model
         import time
 

@@ -56,9 +56,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     start = time.perf_counter()
     minquant.quantize(model, args.method, tokenizer=tokenizer, bits=args.bits, group_size=args.group_size,
-                      sym=args.sym, act_order=args.act_order, static_groups=args.static_groups, damp=args.damp,
-                      calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed,
-                      device=args.device)
+                      sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
+                      search_range=args.search_range, damp=args.damp, calib=args.calib, n_samples=args.n_samples,
+                      seqlen=args.seqlen, seed=args.seed, device=args.device)
     seconds = time.perf_counter() - start
     out = save_quantized(model, tokenizer, args.out)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sym", action="store_true", help="symmetric (zero-point fixed at 2**(bits-1))")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal (desc_act)")
     p.add_argument("--static-groups", action="store_true", help="GPTQ with act-order: group ranges fixed up front")
+    p.add_argument("--search-range", action="store_true", help="GPTQ: each group's range narrowed to round it best")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, fraction of H's mean diagonal")
     p.add_argument("--calib", default="c4", choices=["c4", "wikitext2"], help="calibration text")
     p.add_argument("--n-samples", type=int, default=128, help="calibration windows")

@@ -6,13 +6,14 @@ import warnings
 import pytest
 import torch
 
-from minquant.gptq import GPTQConfig, gptq_quantize, gptq_quantize_model, hessian_inverse_cholesky
+from minquant.gptq import GPTQConfig, gptq_quantize, gptq_quantize_model, hessian_inverse_cholesky, search_qparams
 from minquant.nn import QuantLinear
 from minquant.packing import gptq_qparams
 from minquant.quant import QuantConfig, quantize
 
 CONFIGS = [GPTQConfig(4, 32), GPTQConfig(4, -1, sym=True), GPTQConfig(3, 32, act_order=True),
-           GPTQConfig(4, 32, sym=True, act_order=True, static_groups=True), GPTQConfig(2, 64), GPTQConfig(8, 16, sym=True)]
+           GPTQConfig(4, 32, sym=True, act_order=True, static_groups=True), GPTQConfig(2, 64), GPTQConfig(8, 16, sym=True),
+           GPTQConfig(4, 32, search_range=True), GPTQConfig(3, -1, sym=True, act_order=True, search_range=True)]
 
 
 def correlated(n=2048, K=128, seed=0):
@@ -24,7 +25,7 @@ def correlated(n=2048, K=128, seed=0):
 
 
 def rtn(W, cfg: GPTQConfig):
-    s, z = gptq_qparams(W, cfg.quant)
+    s, z = (search_qparams if cfg.search_range else gptq_qparams)(W, cfg.quant)
     return quantize(W, s, z, cfg.quant), s, z
 
 
@@ -54,6 +55,29 @@ def test_output_error_below_rtn_and_loss_is_the_output_error(cfg):
     D = (W - r.dequantize()).double()
     H_damped = H.double() + r.damp * H.diagonal().mean().double() * torch.eye(128, dtype=torch.float64)
     assert r.loss == pytest.approx(float((D @ H_damped * D).sum()) / 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("qc", [QuantConfig(4, 32), QuantConfig(3, 16, symmetric=True), QuantConfig(2, -1)], ids=str)
+def test_search_range_picks_the_best_narrowed_range(qc):
+    """Per group: never worse than min/max, the argmin over the grid p = 1, 0.99, ..., 0.21, and it
+    does clip: a group with one outlier gets a narrower range than its min/max."""
+    from minquant.quant import dequantize
+
+    W = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+    W[0, 5] = 9.0  # an outlier in row 0's first group
+    s, z = search_qparams(W, qc)
+
+    def error(scale, zero):  # float64 |w - w_q|^2.4 per group
+        d = (W.double() - dequantize(quantize(W, scale, zero, qc), scale, zero, qc).double()).abs() ** 2.4
+        return d.reshape(*scale.shape, -1).sum(-1)
+
+    per_p = torch.stack([error(*gptq_qparams(W, QuantConfig(qc.bits, qc.group_size, qc.symmetric, clip_ratio=1 - i / 100)))
+                         for i in range(80)])
+    chosen = error(s, z)
+    assert (chosen <= per_p[0] * (1 + 1e-9)).all()  # min/max is p = 1
+    torch.testing.assert_close(chosen, per_p.min(0).values, rtol=1e-6, atol=0)
+    assert s[0, 0] < gptq_qparams(W, qc)[0][0, 0]
+    assert (chosen < per_p[0] * 0.999).float().mean() > 0.3  # it matters for many groups, not only the outlier's
 
 
 def obq_reference(W, H, cfg: GPTQConfig):
