@@ -15,14 +15,16 @@ METHODS = ("rtn", "gptq")
 
 @torch.no_grad()
 def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, group_size: int = 128,
-             sym: bool = False, act_order: bool = False, static_groups: bool = False, search_range: bool = False,
-             damp: float = 0.01,
+             sym: bool = False, full_range: bool = False, act_order: bool = False, static_groups: bool = False,
+             search_range: bool = False, damp: float = 0.01,
              calib: str | torch.Tensor = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0,
              device=None, batch_size: int = 8, progress: bool = True):
     """Quantize `model`'s linear layers in place into QuantLinear (GPTQ layout) and return the model.
 
     method "rtn": min/max round-to-nearest, no data. method "gptq": calibration windows from `calib`
     ("c4", "wikitext2", or token ids (n, seqlen)) via `tokenizer`; block by block on `device`.
+    `full_range` (with `sym`): all 2**bits levels, GPTQ's own symmetric grid, not one symmetric
+    around 0. `search_range` (GPTQ): each group's range narrowed to the one that rounds it best.
     A report (seconds, per-layer loss) is left in `model.quantization_report`.
     """
     from minquant.checkpoint import quantization_config
@@ -32,7 +34,7 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         raise ValueError(f"unknown method {method!r}; minquant has: {', '.join(METHODS)}")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
-    cfg = GPTQConfig(bits=bits, group_size=group_size, sym=sym, damp=damp, act_order=act_order,
+    cfg = GPTQConfig(bits=bits, group_size=group_size, sym=sym, full_range=full_range, damp=damp, act_order=act_order,
                      static_groups=static_groups, search_range=search_range)  # validates the numbers for either method
     if method == "rtn":
         if search_range:

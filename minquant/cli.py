@@ -56,9 +56,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model)
     start = time.perf_counter()
     minquant.quantize(model, args.method, tokenizer=tokenizer, bits=args.bits, group_size=args.group_size,
-                      sym=args.sym, act_order=args.act_order, static_groups=args.static_groups,
-                      search_range=args.search_range, damp=args.damp, calib=args.calib, n_samples=args.n_samples,
-                      seqlen=args.seqlen, seed=args.seed, device=args.device)
+                      sym=args.sym, full_range=args.full_range, act_order=args.act_order,
+                      static_groups=args.static_groups, search_range=args.search_range, damp=args.damp,
+                      calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed, device=args.device)
     seconds = time.perf_counter() - start
     out = save_quantized(model, tokenizer, args.out)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128, help="-1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric (zero-point fixed at 2**(bits-1))")
+    p.add_argument("--full-range", action="store_true", help="with --sym: all 2**bits levels (GPTQ's symmetric grid)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal (desc_act)")
     p.add_argument("--static-groups", action="store_true", help="GPTQ with act-order: group ranges fixed up front")
     p.add_argument("--search-range", action="store_true", help="GPTQ: each group's range narrowed to round it best")

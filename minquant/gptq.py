@@ -44,6 +44,7 @@ class GPTQConfig:
     act_order: bool = False  # sweep columns by decreasing H_jj ("desc_act")
     static_groups: bool = False  # with act_order: fix every group's scale/zero from the original W first
     search_range: bool = False  # each group's range: the p * (min, max) that rounds it best, not min/max
+    full_range: bool = False  # with sym: all 2**bits levels, s = 2 max|w| / (2**bits - 1), as GPTQ's reference code
 
     def __post_init__(self):
         self.quant  # validates bits and group_size
@@ -55,7 +56,7 @@ class GPTQConfig:
     @property
     def quant(self) -> QuantConfig:
         """The storage format: what QuantLinear, packing and checkpoints need to know."""
-        return QuantConfig(bits=self.bits, group_size=self.group_size, symmetric=self.sym)
+        return QuantConfig(bits=self.bits, group_size=self.group_size, symmetric=self.sym, full_range=self.full_range)
 
 
 class GPTQResult(NamedTuple):
@@ -158,7 +159,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResu
         for i in range(i2 - i1):
             j = i1 + i  # position in the sweep
             if fixed is None and j % g == 0:  # entering a group: its range from the weights as corrected so far
-                s, z = qparams(W1[i:i + g].t(), QuantConfig(qc.bits, -1, qc.symmetric))
+                s, z = qparams(W1[i:i + g].t(), replace(qc, group_size=-1))
                 scale[j // g], zero[j // g] = s[:, 0], z[:, 0]
             s, z = scale[group_of[j]], zero[group_of[j]]
             w = W1[i]

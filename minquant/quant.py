@@ -10,7 +10,10 @@ One convention, used everywhere in minquant:
     - `scale` and `zero` are float32 of shape (N, K // group_size).
 
 Symmetric ("absmax"): s = max|w| / (2**(bits-1) - 1) and z = 2**(bits-1), so 0 maps to q = z
-exactly and the grid is symmetric around 0 (q = 0 is never used). Asymmetric ("zero-point"):
+exactly and the grid is symmetric around 0 (q = 0 is never used). With `full_range`, symmetric
+uses all 2**bits integers, as GPTQ's reference code and llm-compressor do: s = 2 max|w| / (2**bits - 1),
+one more level and a step (2**bits - 2) / (2**bits - 1) as large, for an error of half a step at
++-max|w| (which sit half-way between two levels). Asymmetric ("zero-point"):
 s = (max - min) / (2**bits - 1) over a range that includes 0, and z = round(-min / s), an integer,
 as GPTQ stores it. With `integer_zero=False`, z = -min / s stays a float and the range is the
 group's own [min, max] (llama.cpp's Q4_1 does this: w = d*q + m).
@@ -29,6 +32,7 @@ class QuantConfig:
     symmetric: bool = False  # absmax (zero fixed at 2**(bits-1)) vs min/max with a zero-point
     integer_zero: bool = True  # round the zero-point to an integer (GPTQ format) or keep it float
     clip_ratio: float = 1.0  # shrink the range to clip_ratio * (min, max): trades clipping for resolution
+    full_range: bool = False  # symmetric only: all 2**bits levels (GPTQ's grid), not one symmetric around 0
 
     def __post_init__(self):
         if not (isinstance(self.bits, int) and 2 <= self.bits <= 8):
@@ -39,6 +43,8 @@ class QuantConfig:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
         if self.symmetric and not self.integer_zero:
             raise ValueError("symmetric quantization has a fixed integer zero; integer_zero=False needs symmetric=False")
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range is a variant of symmetric quantization; asymmetric always uses every level")
 
     @property
     def maxq(self) -> int:
@@ -48,7 +54,7 @@ class QuantConfig:
     def minq(self) -> int:
         # symmetric keeps q - z in [-(2**(bits-1) - 1), 2**(bits-1) - 1]: q = 0 would be one step
         # further below zero than the top is above it, so clipped values never land there.
-        return 1 if self.symmetric else 0
+        return 1 if self.symmetric and not self.full_range else 0
 
     def groups(self, K: int) -> int:
         return groups_per_row(K, self.group_size)
@@ -89,7 +95,7 @@ def choose_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, tor
     lo, hi = wg.amin(dim=-1) * cfg.clip_ratio, wg.amax(dim=-1) * cfg.clip_ratio
     if cfg.symmetric:
         half = 2 ** (cfg.bits - 1)
-        scale = torch.maximum(lo.abs(), hi) / (half - 1)
+        scale = torch.maximum(lo.abs(), hi) / (half - 0.5 if cfg.full_range else half - 1)
         scale = torch.where(scale == 0, 1.0, scale)  # an all-zero group: any scale works
         return scale, torch.full_like(scale, half)
     if cfg.integer_zero:  # the range must hold 0, so that z is an integer inside [0, maxq]

@@ -46,6 +46,7 @@ def test_rtn_through_the_same_front_door(tiny_llama):
     (dict(n_samples=0, calib="c4", tokenizer=object()), "n_samples must be at least 1"),
     (dict(group_size=48, calib=ids()), "group_size 48 does not divide the 64"),
     (dict(method="rtn", search_range=True), "search_range is a GPTQ option"),
+    (dict(full_range=True), "full_range is a variant of symmetric"),
 ])
 def test_bad_arguments_are_named(tiny_llama, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -13,7 +13,8 @@ from minquant.quant import QuantConfig, quantize
 
 CONFIGS = [GPTQConfig(4, 32), GPTQConfig(4, -1, sym=True), GPTQConfig(3, 32, act_order=True),
            GPTQConfig(4, 32, sym=True, act_order=True, static_groups=True), GPTQConfig(2, 64), GPTQConfig(8, 16, sym=True),
-           GPTQConfig(4, 32, search_range=True), GPTQConfig(3, -1, sym=True, act_order=True, search_range=True)]
+           GPTQConfig(4, 32, search_range=True), GPTQConfig(3, -1, sym=True, act_order=True, search_range=True),
+           GPTQConfig(4, 32, sym=True, full_range=True)]
 
 
 def correlated(n=2048, K=128, seed=0):

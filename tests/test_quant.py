@@ -42,6 +42,31 @@ def test_matches_float64_reference(bits, group_size, symmetric):
                                rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 16])
+def test_full_range_symmetric_is_gptqs_grid(bits, group_size):
+    """GPTQ's reference quantizer, symmetric: x_max = max|x|, scale = 2 x_max / maxq, zero = (maxq + 1) / 2.
+
+    In float32 like ours: +-x_max sit exactly half-way between two levels, so float64 could round
+    such a tie the other way."""
+    torch.manual_seed(bits)
+    w = torch.randn(10, 64) * 0.02
+    w[2, 3] = -0.5
+    maxq = 2**bits - 1
+    g = 64 if group_size == -1 else group_size
+    wg = w.reshape(10, -1, g)
+    scale = 2 * wg.abs().amax(-1, keepdim=True) / maxq
+    q = torch.clamp(torch.round(wg / scale) + (maxq + 1) / 2, 0, maxq)
+    expected = ((q - (maxq + 1) / 2) * scale).reshape(10, 64)
+    cfg = QuantConfig(bits, group_size, symmetric=True, full_range=True)
+    torch.testing.assert_close(fake_quantize(w, cfg), expected, rtol=0, atol=1e-6)
+    assert cfg.minq == 0 and QuantConfig(bits, group_size, symmetric=True).minq == 1
+    # +-max|w| are 7.5 steps from zero: round(7.5) = 8 is clamped to 7, round(-7.5) = -8 is a level
+    x = torch.tensor([[0.1, -0.1, 0.0314159, 0.0]])
+    out = fake_quantize(x, QuantConfig(4, -1, symmetric=True, full_range=True))[0]
+    assert out.tolist() == pytest.approx([7 * 0.2 / 15, -8 * 0.2 / 15, 2 * 0.2 / 15, 0.0], abs=1e-7)
+
+
 def test_worked_example_pi_over_100():
     # The course's example: 0.0314159 in a layer whose weights span [-0.1, 0.1] (symmetric).
     w = torch.tensor([[0.0314159, -0.1, 0.1, 0.0]])
@@ -137,6 +162,8 @@ def test_bad_configs_and_weights():
         QuantConfig(clip_ratio=1.5)
     with pytest.raises(ValueError, match="integer_zero=False needs symmetric=False"):
         QuantConfig(symmetric=True, integer_zero=False)
+    with pytest.raises(ValueError, match="full_range is a variant of symmetric"):
+        QuantConfig(full_range=True)
     with pytest.raises(ValueError, match="group_size 128 does not divide the 576 input features.*"
                                          "group sizes that do: 8, 16, 24, 32, 48, 64, 72, 96, 144, 192, 288, 576"):
         fake_quantize(torch.randn(4, 576), QuantConfig(4, 128))
