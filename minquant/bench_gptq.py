@@ -166,7 +166,7 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
         if spec["method"] == "peer":
             entry = run_peer(spec)
             results[label] = {**spec, "ppl": entry["ppl"], "quantize_seconds": entry["quantize_seconds"],
-                              "peak_rss_bytes": entry["peak_rss_bytes"], "peer": entry}
+                              "peak_rss_bytes": entry["peak_rss_bytes"], "peak_rss": "the peer's own VmHWM", "peer": entry}
         else:
             model = copy.deepcopy(float_model)
             start = time.perf_counter()
@@ -179,7 +179,7 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
             results[label] = {**spec, "ppl": ppl.ppl, "quantize_seconds": seconds}
     results[label].setdefault("peak_rss_bytes", mem.peak)  # the peer reports its own process's peak
     results[label]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    results[label]["commit"] = _commit()  # timings of our entries depend on the code that made them
+    results[label]["commit"] = COMMIT  # timings of our entries depend on the code that made them
 
 
 def _commit() -> str | None:
@@ -188,12 +188,16 @@ def _commit() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
+COMMIT = _commit()  # read once, when the sweep starts: later commits are not the code it runs
+
+
 def gptq_table(record: dict) -> str:
     """Markdown: perplexity (and quantization seconds) per scheme and method, with the protocol above it."""
     r, p = record["results"], record["protocol"]
     cell = lambda label: (f"{r[label]['ppl']:.2f} ({r[label]['quantize_seconds']:.0f} s)" if label in r else "—")
     peak = lambda prefix: [v["peak_rss_bytes"] / 1e9 for k, v in r.items() if k.startswith(prefix) and "peak_rss_bytes" in v]
-    ours, theirs = peak("GPTQ"), peak("llm-compressor")
+    gb = lambda xs: f"{min(xs):.1f}-{max(xs):.1f} GB" if xs else "not measured yet"
+    ours, theirs, hqq = peak("GPTQ"), peak("llm-compressor"), peak("HQQ")
     lines = [f"SmolLM2-135M, WikiText-2 test perplexity (first {p['eval']['windows']} windows of {p['eval']['seqlen']}) "
              f"and quantization time in seconds. GPTQ calibration: {p['calibration']['n_samples']} x "
              f"{p['calibration']['seqlen']} tokens of C4, seed {p['calibration']['seed']}, damp {p['damp']}; "
@@ -201,9 +205,9 @@ def gptq_table(record: dict) -> str:
              f"(weights only, its default proximal solver, float zero points). fp32: "
              f"{r['fp32']['ppl']:.2f}." if "fp32" in r else "", "" if "fp32" in r else None,
              f"Measured by `minquant bench gptq` on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
-             f"last entry {max(v['measured'] for v in r.values())[:10]}. Peak resident memory: ours "
-             f"{min(ours, default=0):.1f}-{max(ours, default=0):.1f} GB, llm-compressor "
-             f"{min(theirs, default=0):.1f}-{max(theirs, default=0):.1f} GB. — = not measured yet.", "",
+             f"last entry {max(v['measured'] for v in r.values())[:10]}. Peak resident memory while quantizing: "
+             f"ours {gb(ours)} (the bench's process, float model included), llm-compressor {gb(theirs)}, HQQ {gb(hqq)}. "
+             "— = not measured yet.", "",
              "| scheme | RTN | GPTQ | act-order | act-order, static groups | llm-compressor GPTQ "
              "| llm-compressor act-order (static groups) | HQQ (no calibration) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for bits, g, sym in SCHEMES:

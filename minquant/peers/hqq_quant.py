@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 
@@ -33,6 +32,7 @@ def main() -> None:
 
     from minquant.eval import perplexity
     from minquant.models import architecture, find_blocks, load_model
+    from minquant.peers import peak_rss_bytes
 
     model, tok = load_model(a.model)
     arch = architecture(model)
@@ -47,7 +47,7 @@ def main() -> None:
                 # HQQLinear's forward is x @ dequantize().T (+ bias): the float model with these weights is the same
                 linear.weight.data = layer.dequantize().reshape(linear.weight.shape).to(linear.weight.dtype)
     seconds = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = peak_rss_bytes()
     ppl = perplexity(model, tok, "wikitext2", seqlen=a.eval_seqlen, max_windows=a.eval_windows, progress=False)
     result = {"tool": "hqq", "version": getattr(hqq, "__version__", "0.2.8.post1"), "method": "HQQLinear (defaults)",
               "bits": a.bits, "group_size": a.group_size, "sym": False, "ppl": ppl.ppl, "quantize_seconds": seconds,

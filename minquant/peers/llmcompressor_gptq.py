@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import tempfile
 import time
@@ -41,6 +40,7 @@ def main() -> None:
     from minquant.data import calibration_windows
     from minquant.eval import perplexity
     from minquant.models import load_model
+    from minquant.peers import peak_rss_bytes
 
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model)
@@ -61,7 +61,7 @@ def main() -> None:
     oneshot(model=model, processor=tok, dataset=data, recipe=recipe, num_calibration_samples=a.n, max_seq_length=a.seqlen,
             shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = peak_rss_bytes()
     ppl = perplexity(model, tok, "wikitext2", seqlen=a.eval_seqlen, max_windows=a.eval_windows, progress=False)
     result = {"tool": "llm-compressor", "version": llmcompressor.__version__, "method": "GPTQModifier",
               "bits": a.bits, "group_size": a.group_size, "sym": a.sym, "actorder": a.actorder,
