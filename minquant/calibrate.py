@@ -190,9 +190,10 @@ def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: Gro
             block.to(device)
             for group in arch.groups:
                 linears = {f"{prefix}.{i}.{name}": block.get_submodule(name) for name in group}
+                finished = finished_modules(block, done | set(group)) if replay else []  # once it is quantized
                 # the part of the block this group finishes, if it is more than the group's one linear
-                through = next((n for n in finished_modules(block, done | set(group)) if n not in replays
-                                and len(group) == 1 and group[0].startswith(n + ".")), None) if replay else None
+                through = next((n for n in finished if n not in replays and group[0].startswith(n + ".")),
+                               None) if len(group) == 1 else None
                 H, pending = _hessian(block, linears[f"{prefix}.{i}.{group[0]}"], inputs, kwargs,
                                       list(replays.values()), block.get_submodule(through) if through else None)
                 quantize_group(linears, H)
@@ -202,7 +203,7 @@ def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: Gro
                     last = block.get_submodule(group[0])
                     replays[through] = _Replay(block.get_submodule(through), [_with_first(out, last(x)) for x, out in pending])
                     del pending
-                for name in finished_modules(block, done) if replay else ():
+                for name in finished:
                     if name not in replays:
                         replays[name] = _Replay(block.get_submodule(name))
                 _drop_inner(replays, len(inputs))

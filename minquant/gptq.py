@@ -16,9 +16,9 @@ columns). GPTQ's three ideas make that fast and stable:
        factor of H^-1, so no inverse is ever updated.
 Groups pick their scale and zero-point when the sweep enters them (from the already-corrected
 weights), or up front from the original weights with `static_groups`; from their min and max, or,
-with `search_range`, from the narrowed range p * (min, max) that rounds the group best. `act_order` sweeps the
-columns in order of decreasing H_jj (most-used inputs first) and returns `g_idx`, the group of
-each original column, which packing and the kernels honour.
+with `search_range`, from the narrowed range p * (min, max) that rounds the group best.
+`act_order` sweeps the columns in order of decreasing H_jj (most-used inputs first) and returns
+`g_idx`, the group of each original column, which packing and the kernels honour.
 
 This module knows nothing of models: tensors in, tensors out. `calibrate.py` supplies H.
 """

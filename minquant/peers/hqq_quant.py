@@ -26,7 +26,8 @@ def main() -> None:
     if a.sym:
         p.error("HQQ has no symmetric mode")
 
-    import hqq
+    from importlib.metadata import version
+
     import torch
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
@@ -49,7 +50,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     peak_rss = peak_rss_bytes()
     ppl = perplexity(model, tok, "wikitext2", seqlen=a.eval_seqlen, max_windows=a.eval_windows, progress=False)
-    result = {"tool": "hqq", "version": getattr(hqq, "__version__", "0.2.8.post1"), "method": "HQQLinear (defaults)",
+    result = {"tool": "hqq", "version": version("hqq"), "method": "HQQLinear (defaults)",
               "bits": a.bits, "group_size": a.group_size, "sym": False, "ppl": ppl.ppl, "quantize_seconds": seconds,
               "peak_rss_bytes": peak_rss, "torch": torch.__version__,
               "transformers": __import__("transformers").__version__}
