@@ -63,6 +63,22 @@ def entries() -> list[tuple[str, dict]]:
                                                                "sym": sym, "actorder": "static"})]
         if not sym:  # HQQ has no symmetric mode (its zero point is a float)
             out.append((f"HQQ {s}", {"method": "peer", "tool": "hqq", "bits": bits, "group_size": g, "sym": sym}))
+    return out + option_entries()
+
+
+def option_entries() -> list[tuple[str, dict]]:
+    """GPTQ's range options, after the main sweep: `full_range` (sym: GPTQ's and llm-compressor's
+    16-level grid, so the like-for-like match of their symmetric scheme) and `search_range`."""
+    out = []
+    for bits, g, sym in SCHEMES:
+        s, base = scheme_label(bits, g, sym), {"bits": bits, "group_size": g, "sym": sym}
+        static = {"act_order": True, "static_groups": True}
+        if sym:
+            out += [(f"RTN {s} full-range", {"method": "rtn", **base, "full_range": True}),
+                    (f"GPTQ {s} full-range", {"method": "gptq", **base, "full_range": True}),
+                    (f"GPTQ {s} full-range act-order static", {"method": "gptq", **base, "full_range": True, **static})]
+        out += [(f"GPTQ {s} range-search", {"method": "gptq", **base, "search_range": True}),
+                (f"GPTQ {s} range-search act-order static", {"method": "gptq", **base, "search_range": True, **static})]
     return out
 
 
@@ -173,7 +189,8 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
             if spec["method"] != "fp32":
                 minquant.quantize(model, spec["method"], bits=spec["bits"], group_size=spec["group_size"],
                                   sym=spec["sym"], act_order=spec.get("act_order", False),
-                                  static_groups=spec.get("static_groups", False), calib=windows, progress=False)
+                                  static_groups=spec.get("static_groups", False), full_range=spec.get("full_range", False),
+                                  search_range=spec.get("search_range", False), calib=windows, progress=False)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, data=ids, seqlen=ev["seqlen"], max_windows=ev["windows"], progress=False)
             results[label] = {**spec, "ppl": ppl.ppl, "quantize_seconds": seconds}
@@ -216,4 +233,15 @@ def gptq_table(record: dict) -> str:
                   f"llm-compressor GPTQ {s}", f"llm-compressor GPTQ {s} act-order static"]
         hqq = "n/a" if sym else cell(f"HQQ {s}")  # HQQ's zero point is a float: no symmetric mode
         lines.append(f"| {s} | " + " | ".join(cell(label) for label in labels) + f" | {hqq} |")
+    lines += ["", "GPTQ's range options, same protocol. *Full range* (symmetric only): all 16 (8) levels, "
+              "s = 2 max|w| / 15, as GPTQ's reference code and llm-compressor's symmetric scheme (the table above "
+              "uses 15 levels symmetric around 0). *Range search*: each group's range p (min, max) with the p in "
+              "1, 0.99, ..., 0.21 that minimises sum |w - q|^2.4 (the reference code's `--mse`).", "",
+              "| scheme | RTN full range | GPTQ full range | full range, act-order (static) | GPTQ range search "
+              "| range search, act-order (static) |", "|---|---:|---:|---:|---:|---:|"]
+    for bits, g, sym in SCHEMES:
+        s = scheme_label(bits, g, sym)
+        full = [cell(f"RTN {s} full-range"), cell(f"GPTQ {s} full-range"), cell(f"GPTQ {s} full-range act-order static")]
+        search = [cell(f"GPTQ {s} range-search"), cell(f"GPTQ {s} range-search act-order static")]
+        lines.append(f"| {s} | " + " | ".join((full if sym else ["n/a"] * 3) + search) + " |")
     return "\n".join(line for line in lines if line is not None)

@@ -30,8 +30,8 @@ from typing import NamedTuple
 
 import torch
 
-from minquant.packing import gptq_qparams
-from minquant.quant import QuantConfig, dequantize, quantize
+from minquant.packing import gptq_qparams, gptq_qparams_from_range
+from minquant.quant import QuantConfig, _grouped
 
 
 @dataclass(frozen=True)
@@ -78,20 +78,28 @@ def search_qparams(w: torch.Tensor, cfg: QuantConfig, steps: int = 80, norm: flo
 
     A narrower range clips a few large weights but rounds all the others on a finer grid. This is
     the reference GPTQ's `--mse` option (there on by choice, too): the exponent 2.4 > 2 weighs the
-    large errors that clipping makes a little more than plain squared error would.
+    large errors that clipping makes a little more than plain squared error would. The candidates
+    are tried a chunk of p's at a time, vectorised: a chunk's copies of w (~1 MB) stay in cache,
+    which is faster than both one p at a time and all 80 at once.
     """
-    def error(scale, zero):
-        dq = dequantize(quantize(w, scale, zero, cfg), scale, zero, cfg)
-        return (w - dq).abs_().pow_(norm).reshape(*scale.shape, -1).sum(-1)
-
-    best_scale, best_zero = gptq_qparams(w, cfg)
-    best = error(best_scale, best_zero)
-    for i in range(1, steps):
-        scale, zero = gptq_qparams(w, replace(cfg, clip_ratio=1 - i / 100))
-        err = error(scale, zero)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+    wg = _grouped(w, cfg)  # (N, G, g); checks shape and NaN once
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    best_err = best_scale = best_zero = None
+    chunk = max(1, min(steps, 2**18 // wg.numel()))
+    for p0 in range(0, steps, chunk):
+        p = (1 - torch.arange(p0, min(p0 + chunk, steps), dtype=torch.float64) / 100).float().to(w.device).view(-1, 1, 1)
+        scale, zero = gptq_qparams_from_range(p * lo, p * hi, replace(cfg, clip_ratio=1.0))  # (P, N, G)
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        q = (torch.round(wg / s).add_(z) if cfg.integer_zero else torch.round(wg / s + z)).clamp_(cfg.minq, cfg.maxq)
+        err = (wg - (q - z) * s).abs_().pow_(norm).sum(-1)  # (P, N, G)
+        err, i = err.min(0)  # the first (widest) p among equals, as a sweep keeping only strict improvements
+        scale, zero = scale.gather(0, i[None])[0], zero.gather(0, i[None])[0]
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
     return best_scale, best_zero
 
 

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from minquant.quant import QuantConfig
+from minquant.quant import QuantConfig, _grouped, qparams_from_range
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -144,12 +144,15 @@ def gptq_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch
     that their maximum still fits: s = max / (maxq - 1). Scales are rounded to fp16 first, since
     that is what the checkpoint holds.
     """
-    from minquant.quant import choose_qparams
+    wg = _grouped(w, cfg)
+    return gptq_qparams_from_range(wg.amin(-1) * cfg.clip_ratio, wg.amax(-1) * cfg.clip_ratio, cfg)
 
-    scale, zero = choose_qparams(w, cfg)
+
+def gptq_qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gptq_qparams` of groups whose (already clipped) range is [lo, hi]: any shape, broadcast."""
+    scale, zero = qparams_from_range(lo, hi, cfg)
     if cfg.integer_zero and not cfg.symmetric:
         at_zero = zero < 1
-        hi = w.float().reshape(*scale.shape, -1).amax(-1) * cfg.clip_ratio
         scale = torch.where(at_zero, hi.clamp(min=1e-8) / (cfg.maxq - 1), scale)
         zero = torch.where(at_zero, torch.ones_like(zero), zero)
     return scale.to(torch.float16).float(), zero

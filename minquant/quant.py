@@ -92,7 +92,11 @@ def _grouped(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
 def choose_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero-point, float32 of shape (N, K // group_size), from each group's min and max."""
     wg = _grouped(w, cfg)
-    lo, hi = wg.amin(dim=-1) * cfg.clip_ratio, wg.amax(dim=-1) * cfg.clip_ratio
+    return qparams_from_range(wg.amin(dim=-1) * cfg.clip_ratio, wg.amax(dim=-1) * cfg.clip_ratio, cfg)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point (float32, shape of `lo`) that map the range [lo, hi] onto the integer grid."""
     if cfg.symmetric:
         half = 2 ** (cfg.bits - 1)
         scale = torch.maximum(lo.abs(), hi) / (half - 0.5 if cfg.full_range else half - 1)

@@ -56,7 +56,7 @@ def test_gptq_sweep_labels_and_table():
 
     labels = [label for label, _ in entries()]
     n_asym = sum(not sym for _, _, sym in SCHEMES)  # HQQ has asymmetric entries only
-    assert len(labels) == len(set(labels)) == 1 + 6 * len(SCHEMES) + n_asym
+    assert len(labels) == len(set(labels)) == 1 + 6 * len(SCHEMES) + n_asym + 2 * len(SCHEMES) + 3 * (len(SCHEMES) - n_asym)
     assert all(spec["group_size"] in (-1, 64) for _, spec in entries()[1:])  # 576 inputs: no g128
     record = {"protocol": PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
         "fp32": {"ppl": 20.0, "quantize_seconds": 0.0, "measured": "2026-01-01 00:00 UTC", "peak_rss_bytes": 1e9},
@@ -67,6 +67,14 @@ def test_gptq_sweep_labels_and_table():
     assert "| W3 g64 sym | — | — | — | — | — | — | n/a |" in table
     assert "fp32: 20.00" in table and "last entry 2026-01-02" in table and "ours 3.0-3.0 GB" in table
     assert "llm-compressor not measured yet" in table
+    record["results"]["GPTQ W4 per-channel sym full-range"] = {"ppl": 33.333, "quantize_seconds": 150.2,
+                                                              "measured": "2026-01-02 00:00 UTC"}
+    table = gptq_table(record)
+    assert "| W4 per-channel sym | — | 33.33 (150 s) | — | — | — |" in table
+    assert "| W4 per-channel asym | n/a | n/a | n/a | — | — |" in table
+    specs = dict(entries())
+    assert specs["GPTQ W4 per-channel sym full-range"]["full_range"] and specs["RTN W3 g64 sym full-range"]["method"] == "rtn"
+    assert specs["GPTQ W4 g64 asym range-search act-order static"]["search_range"]
 
 
 def test_peak_rss_sees_an_allocation():

@@ -58,13 +58,15 @@ def test_output_error_below_rtn_and_loss_is_the_output_error(cfg):
     assert r.loss == pytest.approx(float((D @ H_damped * D).sum()) / 2, rel=1e-3)
 
 
-@pytest.mark.parametrize("qc", [QuantConfig(4, 32), QuantConfig(3, 16, symmetric=True), QuantConfig(2, -1)], ids=str)
-def test_search_range_picks_the_best_narrowed_range(qc):
+@pytest.mark.parametrize("qc,rows", [(QuantConfig(4, 32), 24), (QuantConfig(3, 16, symmetric=True), 24),
+                                     (QuantConfig(2, -1), 24), (QuantConfig(4, 32), 820)], ids=str)
+def test_search_range_picks_the_best_narrowed_range(qc, rows):
     """Per group: never worse than min/max, the argmin over the grid p = 1, 0.99, ..., 0.21, and it
-    does clip: a group with one outlier gets a narrower range than its min/max."""
+    does clip: a group with one outlier gets a narrower range than its min/max. 820 rows make the
+    search split the 80 candidates into chunks (of 5), whose winners must then be merged."""
     from minquant.quant import dequantize
 
-    W = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+    W = torch.randn(rows, 64, generator=torch.Generator().manual_seed(3))
     W[0, 5] = 9.0  # an outlier in row 0's first group
     s, z = search_qparams(W, qc)
 
