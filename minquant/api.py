@@ -10,22 +10,26 @@ import torch
 
 from minquant.nn import QuantLinear
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq")
 
 
 @torch.no_grad()
 def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, group_size: int = 128,
              sym: bool = False, full_range: bool = False, act_order: bool = False, static_groups: bool = False,
-             search_range: bool = False, damp: float = 0.01,
+             search_range: bool = False, damp: float = 0.01, true_sequential: bool = True,
+             duo_scaling: bool = False, clip: bool = True,
              calib: str | torch.Tensor = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0,
              device=None, batch_size: int = 8, progress: bool = True):
     """Quantize `model`'s linear layers in place into QuantLinear (GPTQ layout) and return the model.
 
-    method "rtn": min/max round-to-nearest, no data. method "gptq": calibration windows from `calib`
-    ("c4", "wikitext2", or token ids (n, seqlen)) via `tokenizer`; block by block on `device`.
+    method "rtn": min/max round-to-nearest, no data. methods "gptq" and "awq": calibration windows
+    from `calib` ("c4", "wikitext2", or token ids (n, seqlen)) via `tokenizer`; block by block on `device`.
     `full_range` (with `sym`): all 2**bits levels, GPTQ's own symmetric grid, not one symmetric
     around 0. `search_range` (GPTQ): each group's range narrowed to the one that rounds it best.
-    A report (seconds, per-layer loss) is left in `model.quantization_report`.
+    `true_sequential=False` (GPTQ): each block's groups all calibrated on its float inputs.
+    `duo_scaling`, `clip` (AWQ): scales from activations and weights; search each group's range shrink.
+    A report (seconds, per-layer loss) is left in `model.quantization_report`; for AWQ, the search
+    (scales, clips; `.save(path)`, `minquant.awq.apply_awq`) in `model.awq_search`.
     """
     from minquant.checkpoint import quantization_config
     from minquant.gptq import GPTQConfig
@@ -34,11 +38,27 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         raise ValueError(f"unknown method {method!r}; minquant has: {', '.join(METHODS)}")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
+    gptq_only = {"act_order": act_order, "static_groups": static_groups, "search_range": search_range,
+                 "true_sequential=False": not true_sequential}
+    if method == "awq" and any(gptq_only.values()):
+        raise ValueError(f"{', '.join(k for k, v in gptq_only.items() if v)}: GPTQ option(s), not AWQ's")
+    if method != "awq" and (duo_scaling or not clip):
+        raise ValueError("duo_scaling and clip are AWQ options")
     cfg = GPTQConfig(bits=bits, group_size=group_size, sym=sym, full_range=full_range, damp=damp, act_order=act_order,
                      static_groups=static_groups, search_range=search_range)  # validates the numbers for either method
-    if method == "rtn":
-        if search_range:
-            raise ValueError("search_range is a GPTQ option; RTN here rounds each group's min/max range")
+    if method == "awq":
+        from minquant.awq import AWQConfig, awq_quantize_model
+
+        if full_range:
+            raise ValueError("full_range is a GPTQ/RTN option; AWQ uses the symmetric grid around 0 or a zero-point")
+        windows = calibration_data(calib, tokenizer, n_samples, seqlen, seed)
+        awq_cfg = AWQConfig(bits=bits, group_size=group_size, sym=sym, duo_scaling=duo_scaling, clip=clip)
+        model.awq_search, report = awq_quantize_model(model, windows, awq_cfg, device=device, batch_size=batch_size,
+                                                      progress=progress)
+        report["calibration"] = _calibration_report(calib, windows, seed)
+    elif method == "rtn":
+        if search_range or not true_sequential:
+            raise ValueError("search_range and true_sequential are GPTQ options; RTN rounds each group's min/max range")
         from minquant.rtn import quantize_model
         import time
 
@@ -49,14 +69,20 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         from minquant.gptq import gptq_quantize_model
 
         windows = calibration_data(calib, tokenizer, n_samples, seqlen, seed)
-        report = gptq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size, progress=progress)
-        report["calibration"] = {"source": calib if isinstance(calib, str) else "given token ids",
-                                 "n_samples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": seed}
+        report = gptq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size,
+                                     true_sequential=true_sequential, progress=progress)
+        report["calibration"] = _calibration_report(calib, windows, seed)
     model.config.quantization_config = quantization_config(cfg.quant, ("lm_head",), method=method,
                                                            desc_act=act_order and method == "gptq",
-                                                           static_groups=static_groups, damp_percent=damp)
+                                                           static_groups=static_groups, damp_percent=damp,
+                                                           true_sequential=true_sequential and method == "gptq")
     model.quantization_report = report
     return model
+
+
+def _calibration_report(calib, windows: torch.Tensor, seed: int) -> dict:
+    return {"source": calib if isinstance(calib, str) else "given token ids",
+            "n_samples": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": seed}
 
 
 def calibration_data(calib: str | torch.Tensor, tokenizer, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:

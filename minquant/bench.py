@@ -158,8 +158,16 @@ def _gptq_table(record: dict) -> str:
     return gptq_table(record)
 
 
+def _awq_table(record: dict) -> str:
+    from minquant.bench_awq import awq_table
+
+    gptq = RESULTS_DIR / "gptq_smollm2.json"
+    return awq_table(record, json.loads(gptq.read_text()) if gptq.is_file() else None)
+
+
 # results file -> its README table
-TABLES = {"rtn_smollm2": rtn_table, "packing_smollm2": packing_table, "gptq_smollm2": _gptq_table}
+TABLES = {"rtn_smollm2": rtn_table, "packing_smollm2": packing_table, "gptq_smollm2": _gptq_table,
+          "awq_smollm2": _awq_table}
 README = RESULTS_DIR.parent.parent / "README.md"
 
 

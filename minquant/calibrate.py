@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -170,10 +170,67 @@ def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: Gro
                     batch_size: int = 8, replay: bool = True, progress: bool = True, desc: str = "blocks") -> dict:
     """Run the block-by-block driver; `quantize_group({name: linear}, H)` quantizes one group in place.
 
-    Returns timings and peak memory. The model keeps its device; each block visits `device` in turn.
+    True sequential (GPTQ): each group's H comes from inputs that went through the already-quantized
+    groups before it. Returns timings and peak memory. The model keeps its device; each block visits
+    `device` in turn.
     """
     arch: Architecture = architecture(model)
-    blocks = find_blocks(model, arch)
+
+    def work(prefix: str, block: nn.Module, inputs: list, kwargs: list[dict], replays: dict) -> None:
+        done: set[str] = set()
+        for group in arch.groups:
+            linears = {f"{prefix}.{name}": block.get_submodule(name) for name in group}
+            finished = finished_modules(block, done | set(group)) if replay else []  # once it is quantized
+            # the part of the block this group finishes, if it is more than the group's one linear
+            through = next((n for n in finished if n not in replays and group[0].startswith(n + ".")),
+                           None) if len(group) == 1 else None
+            H, pending = _hessian(block, linears[f"{prefix}.{group[0]}"], inputs, kwargs,
+                                  list(replays.values()), block.get_submodule(through) if through else None)
+            quantize_group(linears, H)
+            del H
+            done |= set(group)
+            if pending is not None:  # `through` returns its last linear's output: fill in the quantized one
+                last = block.get_submodule(group[0])
+                replays[through] = _Replay(block.get_submodule(through), [_with_first(out, last(x)) for x, out in pending])
+                del pending
+            for name in finished:
+                if name not in replays:
+                    replays[name] = _Replay(block.get_submodule(name))
+            _drop_inner(replays, len(inputs))
+
+    return _drive(model, windows, work, device=device, batch_size=batch_size, progress=progress, desc=desc)
+
+
+class InputStats(NamedTuple):
+    """What a group of linears saw on the calibration data (all its tokens)."""
+    H: torch.Tensor  # (K, K) float32: 2 X X^T / n
+    mean_abs: torch.Tensor  # (K,) float32: mean |x| per input channel (AWQ's activation salience)
+    n: int  # tokens
+
+
+BlockQuantizer = Callable[[str, nn.Module, list[InputStats]], None]
+
+
+@torch.no_grad()
+def quantize_whole_blocks(model: nn.Module, windows: torch.Tensor, quantize_block: BlockQuantizer, *, device=None,
+                          batch_size: int = 8, progress: bool = True, desc: str = "blocks") -> dict:
+    """The driver for methods that treat a block at once (AWQ): `quantize_block(prefix, block, stats)`.
+
+    `stats[j]` are the input statistics of the block's j-th group, all from one pass of the block as
+    it arrives (float, before any of its linears change); `quantize_block` may then change the whole
+    block. The next block receives the changed block's outputs, as with `quantize_blocks`.
+    """
+    arch: Architecture = architecture(model)
+
+    def work(prefix: str, block: nn.Module, inputs: list, kwargs: list[dict], replays: dict) -> None:
+        quantize_block(prefix, block, _input_stats(block, [block.get_submodule(g[0]) for g in arch.groups], inputs, kwargs))
+
+    return _drive(model, windows, work, device=device, batch_size=batch_size, progress=progress, desc=desc)
+
+
+def _drive(model: nn.Module, windows: torch.Tensor, work, *, device, batch_size: int, progress: bool, desc: str) -> dict:
+    """Capture the first block's inputs, then per block: to `device`, `work(...)`, its outputs, home."""
+    blocks = find_blocks(model, architecture(model))
     prefix = next(n for n, m in model.named_modules() if m is blocks)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -184,29 +241,10 @@ def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: Gro
     inputs, kwargs = block_inputs(model, batches, device)
     kwargs = [_to(kw, device) for kw in kwargs]
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
-        replays: dict[str, _Replay] = {}
-        done: set[str] = set()
+        replays: dict[str, _Replay] = {}  # filled by `work`; they speed up the outputs pass
         try:
             block.to(device)
-            for group in arch.groups:
-                linears = {f"{prefix}.{i}.{name}": block.get_submodule(name) for name in group}
-                finished = finished_modules(block, done | set(group)) if replay else []  # once it is quantized
-                # the part of the block this group finishes, if it is more than the group's one linear
-                through = next((n for n in finished if n not in replays and group[0].startswith(n + ".")),
-                               None) if len(group) == 1 else None
-                H, pending = _hessian(block, linears[f"{prefix}.{i}.{group[0]}"], inputs, kwargs,
-                                      list(replays.values()), block.get_submodule(through) if through else None)
-                quantize_group(linears, H)
-                del H
-                done |= set(group)
-                if pending is not None:  # `through` returns its last linear's output: fill in the quantized one
-                    last = block.get_submodule(group[0])
-                    replays[through] = _Replay(block.get_submodule(through), [_with_first(out, last(x)) for x, out in pending])
-                    del pending
-                for name in finished:
-                    if name not in replays:
-                        replays[name] = _Replay(block.get_submodule(name))
-                _drop_inner(replays, len(inputs))
+            work(f"{prefix}.{i}", block, inputs, kwargs, replays)
             inputs = _outputs(block, inputs, kwargs, list(replays.values()))
         finally:  # whatever happens, the model is left as it was found: no replays, every block home
             for r in replays.values():
@@ -245,17 +283,11 @@ def _hessian(block: nn.Module, first: nn.Linear, inputs: list, kwargs: list[dict
     `first`'s output as it is. If it does, the second value is, per batch, (`first`'s input,
     `through`'s output) to fill in later; otherwise (or without `through`) it is None.
     """
-    K = first.in_features
-    H = torch.zeros(K, K, device=first.weight.device)
-    n = 0
+    acc = _Accumulator(first)
     seen: list[list] = []  # per batch: [first's input, placeholder, through's output]
 
     def accumulate(module, args):
-        nonlocal n
-        x = args[0].reshape(-1, K).float()
-        for i in range(0, K, tile):  # only the lower triangle of the symmetric X^T X: a third less work
-            H[i:, i:i + tile].addmm_(x[:, i:].T, x[:, i:i + tile])
-        n += x.shape[0]
+        acc.add(args[0])
         if through is None:
             raise StopForward  # the rest of the block is not needed for this group
         seen.append([args[0], None, None])
@@ -268,7 +300,6 @@ def _hessian(block: nn.Module, first: nn.Linear, inputs: list, kwargs: list[dict
         seen[-1][2] = out
         raise StopForward
 
-    tile = max(64, -(-K // 4))
     handles = [first.register_forward_pre_hook(accumulate)]
     if through is not None:
         handles.append(through.register_forward_hook(reached))
@@ -282,12 +313,45 @@ def _hessian(block: nn.Module, first: nn.Linear, inputs: list, kwargs: list[dict
         for handle in handles:
             handle.remove()
         vars(first).pop("forward", None)
-    if n == 0:
-        raise RuntimeError("the block never called its first linear: the architecture table does not match the model")
-    H = H.tril() + H.tril(-1).T
     passes_through = (through is not None and len(seen) == len(inputs)
                       and all(p is not None and p._version == 0 and _first(out) is p for _, p, out in seen))
-    return H.mul_(2 / n), [(x, out) for x, _, out in seen] if passes_through else None
+    return acc.result().H, [(x, out) for x, _, out in seen] if passes_through else None
+
+
+class _Accumulator:
+    """Sums over the tokens a linear receives: X X^T (lower triangle) and |X|, for `InputStats`."""
+
+    def __init__(self, linear: nn.Linear):
+        K, device = linear.in_features, linear.weight.device
+        self.XXt, self.abs_sum, self.n = torch.zeros(K, K, device=device), torch.zeros(K, device=device), 0
+        self.tile = max(64, -(-K // 4))
+
+    def add(self, x: torch.Tensor) -> None:
+        K = self.XXt.shape[0]
+        x = x.reshape(-1, K).float()
+        for i in range(0, K, self.tile):  # only the lower triangle of the symmetric X^T X: a third less work
+            self.XXt[i:, i:i + self.tile].addmm_(x[:, i:].T, x[:, i:i + self.tile])
+        self.abs_sum += x.abs().sum(0)
+        self.n += x.shape[0]
+
+    def result(self) -> InputStats:
+        if self.n == 0:
+            raise RuntimeError("the block never called a linear of the architecture table: it does not match the model")
+        H = self.XXt.tril() + self.XXt.tril(-1).T
+        return InputStats(H.mul_(2 / self.n), self.abs_sum / self.n, self.n)
+
+
+def _input_stats(block: nn.Module, firsts: list[nn.Linear], inputs: list, kwargs: list[dict]) -> list[InputStats]:
+    """The input statistics of each linear in `firsts`, from one plain pass of the block over all batches."""
+    accs = [_Accumulator(linear) for linear in firsts]
+    handles = [linear.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])) for linear, acc in zip(firsts, accs)]
+    try:
+        for x, kw in zip(inputs, kwargs):
+            _run(block, x, kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [acc.result() for acc in accs]
 
 
 def _first(out):

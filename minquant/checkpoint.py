@@ -23,11 +23,11 @@ from minquant.quant import QuantConfig
 
 
 def quantization_config(cfg: QuantConfig, skip: tuple[str, ...] = (), *, method: str = "rtn", desc_act: bool = False,
-                        static_groups: bool = False, damp_percent: float = 0.01) -> dict:
+                        static_groups: bool = False, damp_percent: float = 0.01, true_sequential: bool = True) -> dict:
     """The `quantization_config` block of config.json for GPTQ v1 checkpoints (also for RTN/AWQ weights:
     the format is the same, `method` says how the integers were chosen)."""
     return {"quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": desc_act,
-            "sym": cfg.symmetric, "static_groups": static_groups, "true_sequential": True,
+            "sym": cfg.symmetric, "static_groups": static_groups, "true_sequential": true_sequential,
             "checkpoint_format": "gptq", "damp_percent": damp_percent, "modules_in_block_to_quantize": None,
             "quantized_by": "minquant", "method": method, "skipped_modules": list(skip)}
 

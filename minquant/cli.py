@@ -58,9 +58,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     minquant.quantize(model, args.method, tokenizer=tokenizer, bits=args.bits, group_size=args.group_size,
                       sym=args.sym, full_range=args.full_range, act_order=args.act_order,
                       static_groups=args.static_groups, search_range=args.search_range, damp=args.damp,
+                      true_sequential=not args.no_true_sequential, duo_scaling=args.duo_scaling, clip=not args.no_clip,
                       calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed, device=args.device)
     seconds = time.perf_counter() - start
     out = save_quantized(model, tokenizer, args.out)
+    if args.method == "awq":  # the scales and clips, to re-apply to the float model (minquant.awq.apply_awq)
+        model.awq_search.save(out / "awq_search.safetensors")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"\n{args.method.upper()} W{args.bits} g{args.group_size}{' sym' if args.sym else ''}"
           f"{' act-order' if args.act_order else ''}: quantized in {seconds:.1f} s; "
@@ -90,6 +93,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         path = bench_gptq(only=args.only, redo=args.redo)
         print(f"saved {path}\n\n{gptq_table(bench.load_results('gptq_smollm2'))}")
         return
+    if args.which == "awq":
+        from minquant.bench_awq import bench_awq
+
+        path = bench_awq(only=args.only, redo=args.redo)
+        print(f"saved {path}\n\n{bench.TABLES['awq_smollm2'](bench.load_results('awq_smollm2'))}")
+        return
     if args.which == "packing":
         path = bench.bench_packing()
         print(f"saved {path}\n\n{bench.packing_table(bench.load_results('packing_smollm2'))}")
@@ -115,15 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linears-only", action="store_true", help="keep embeddings and lm_head in fp16")
     p.set_defaults(func=cmd_memory)
 
-    p = sub.add_parser("quantize", help="quantize a model (RTN or GPTQ) and save a GPTQ checkpoint",
+    p = sub.add_parser("quantize", help="quantize a model (RTN, GPTQ or AWQ) and save a GPTQ checkpoint",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
                            "examples:\n  minquant quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out smollm2-gptq\n"
                            "  minquant quantize smollm2-135m --method rtn --bits 8 --group-size -1 --out smollm2-w8\n"
+                           "  minquant quantize smollm2-135m --method awq --bits 4 --group-size 64 --out smollm2-awq\n"
                            "  minquant quantize meta-llama/Llama-3.2-1B --bits 4 --act-order --device cuda --out llama-gptq\n"
                            "  minquant quantize smollm2-135m --bits 3 --group-size 64 --eval-windows 16 --out w3"))
     p.add_argument("model", help="packaged name (smollm2-135m), local folder, or Hugging Face id")
     p.add_argument("--out", required=True, help="folder to write the checkpoint to")
-    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    p.add_argument("--method", choices=["gptq", "rtn", "awq"], default="gptq")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128, help="-1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric (zero-point fixed at 2**(bits-1))")
@@ -131,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal (desc_act)")
     p.add_argument("--static-groups", action="store_true", help="GPTQ with act-order: group ranges fixed up front")
     p.add_argument("--search-range", action="store_true", help="GPTQ: each group's range narrowed to round it best")
+    p.add_argument("--no-true-sequential", action="store_true",
+                   help="GPTQ: calibrate all of a block's linears on its float inputs (faster; llm-compressor's way)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, fraction of H's mean diagonal")
+    p.add_argument("--duo-scaling", action="store_true", help="AWQ: scales from activations and weights")
+    p.add_argument("--no-clip", action="store_true", help="AWQ: no range-shrink search")
     p.add_argument("--calib", default="c4", choices=["c4", "wikitext2"], help="calibration text")
     p.add_argument("--n-samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
@@ -146,12 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "  minquant bench rtn --max-windows 0 --device cuda   # the full test set\n"
                            "  minquant bench gptq --only 'fp32' '*W4 g64 sym*'   # part of the GPTQ sweep\n"
                            "  minquant bench readme               # README tables from data/results/"))
-    p.add_argument("which", choices=["rtn", "gptq", "packing", "kernels", "readme"],
+    p.add_argument("which", choices=["rtn", "gptq", "awq", "packing", "kernels", "readme"],
                    help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); gptq: GPTQ vs RTN vs llm-compressor on "
-                        "SmolLM2; packing: bytes on disk; kernels: the W4A16 kernel on a GPU; readme: README tables from data/results/")
-    p.add_argument("--only", nargs="+", metavar="PATTERN", help="gptq: run only the entries whose label matches "
+                        "SmolLM2; awq: AWQ vs llm-compressor's AWQ on SmolLM2; packing: bytes on disk; "
+                        "kernels: the W4A16 kernel on a GPU; readme: README tables from data/results/")
+    p.add_argument("--only", nargs="+", metavar="PATTERN", help="gptq/awq: run only the entries whose label matches "
                    "(e.g. 'GPTQ W4 g64*' 'fp32'); entries already saved are skipped")
-    p.add_argument("--redo", action="store_true", help="gptq: measure selected entries again even if saved")
+    p.add_argument("--redo", action="store_true", help="gptq/awq: measure selected entries again even if saved")
     p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 windows to score; 0 = all")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cpu")

@@ -191,12 +191,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResu
 
 @torch.no_grad()
 def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQConfig, *, device=None,
-                        batch_size: int = 8, progress: bool = True) -> dict:
+                        batch_size: int = 8, true_sequential: bool = True, progress: bool = True) -> dict:
     """GPTQ every linear of every block on calibration `windows` (n, seqlen); linears become QuantLinear.
 
+    `true_sequential=False`: every group's H from the block's float inputs, one pass per block (as
+    llm-compressor does), instead of inputs that went through the block's already-quantized linears.
     Returns a report: total seconds, per-layer loss and damping. lm_head and embeddings stay float.
     """
-    from minquant.calibrate import quantize_blocks
+    from minquant.calibrate import quantize_blocks, quantize_whole_blocks
     from minquant.models import architecture, find_blocks
     from minquant.nn import QuantLinear
     from minquant.packing import check_packable
@@ -220,8 +222,16 @@ def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQ
             linear.weight.data = r.dequantize(linear.weight.dtype)  # later groups see the quantized layer
             results[name] = GPTQResult(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in r))
 
-    report = quantize_blocks(model, windows, quantize_group, device=device, batch_size=batch_size,
-                             progress=progress, desc=f"GPTQ W{cfg.bits}")
+    if true_sequential:
+        report = quantize_blocks(model, windows, quantize_group, device=device, batch_size=batch_size,
+                                 progress=progress, desc=f"GPTQ W{cfg.bits}")
+    else:
+        def quantize_block(prefix, block, stats):
+            for group, st in zip(arch.groups, stats):
+                quantize_group({f"{prefix}.{name}": block.get_submodule(name) for name in group}, st.H)
+
+        report = quantize_whole_blocks(model, windows, quantize_block, device=device, batch_size=batch_size,
+                                       progress=progress, desc=f"GPTQ W{cfg.bits}")
     for name, r in results.items():
         linear = model.get_submodule(name)
         parent, _, child = name.rpartition(".")

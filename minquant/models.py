@@ -147,6 +147,15 @@ class Architecture:
     # The block's linears in the order its forward runs them. The linears of one group read the
     # same input (q/k/v after the attention norm), so they share one Hessian and one calibration pass.
     groups: tuple[tuple[str, ...], ...]
+    # AWQ: per group, the op right before it whose output feeds only that group (a pre-norm, or a
+    # linear whose output rows reach the group through nothing but a linear or positively homogeneous
+    # path), so a per-channel scale folds into it exactly; None where there is none. None = no AWQ.
+    awq_prev: tuple[str | None, ...] | None = None
+    awq_no_clip: tuple[str, ...] = ()  # linears whose errors reach the attention scores (q, k): AWQ does not clip them
+
+    def __post_init__(self):
+        if self.awq_prev is not None and len(self.awq_prev) != len(self.groups):
+            raise ValueError(f"awq_prev needs one entry per group ({len(self.groups)}), got {len(self.awq_prev)}")
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -156,15 +165,26 @@ class Architecture:
 LLAMA = Architecture(
     blocks="model.layers",
     groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)))
+            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    # v_proj's rows reach o_proj through the attention average (linear); up_proj's reach down_proj
+    # through act(gate) * up (linear in up). With grouped-query attention v_proj has fewer rows than
+    # o_proj has inputs, and that mapping is skipped.
+    awq_prev=("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj"),
+    awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"))
 OPT = Architecture(
     blocks="model.decoder.layers",
     groups=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
-            ("fc1",), ("fc2",)))
+            ("fc1",), ("fc2",)),
+    awq_prev=("self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", "fc1"),  # relu(x / s) = relu(x) / s
+    awq_no_clip=("self_attn.q_proj", "self_attn.k_proj"))
 BERT = Architecture(  # BertModel (AutoModel), e.g. all-MiniLM-L6-v2
     blocks="encoder.layer",
     groups=(("attention.self.query", "attention.self.key", "attention.self.value"),
-            ("attention.output.dense",), ("intermediate.dense",), ("output.dense",)))
+            ("attention.output.dense",), ("intermediate.dense",), ("output.dense",)),
+    # post-norm: each LayerNorm's output also feeds the residual, and GELU is not homogeneous, so only
+    # value -> attention.output.dense folds exactly
+    awq_prev=(None, "attention.self.value", None, None),
+    awq_no_clip=("attention.self.query", "attention.self.key"))
 
 # config.model_type -> its architecture. Mistral, Qwen2/3 and SmolLM2 name their layers as Llama does.
 ARCHITECTURES = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA, "opt": OPT, "bert": BERT}

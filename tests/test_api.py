@@ -30,6 +30,31 @@ def test_gptq_checkpoint_round_trip(tiny_llama, tmp_path, act_order):
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-3, atol=1e-3)
 
 
+def test_awq_checkpoint_round_trip_and_search_reapplied(tiny_llama, tmp_path):
+    import copy
+
+    from minquant.awq import AWQSearch, apply_awq
+
+    fresh = copy.deepcopy(tiny_llama)
+    model = minquant.quantize(tiny_llama, "awq", bits=4, group_size=32, calib=ids(), progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14 and model.awq_search.alphas
+    save_quantized(model, None, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["method"], qc["desc_act"]) == ("gptq", "awq", False)
+    loaded, _ = load_quantized(tmp_path, dtype=torch.float32)
+    again = apply_awq(fresh, AWQSearch.load(model.awq_search.save(tmp_path / "awq_search.safetensors")))
+    x = ids(2, 12, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-3, atol=1e-3)  # fp16 checkpoint
+        torch.testing.assert_close(again(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_gptq_without_true_sequential(tiny_llama):
+    model = minquant.quantize(tiny_llama, "gptq", bits=4, group_size=32, true_sequential=False, calib=ids(), progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    assert model.config.quantization_config["true_sequential"] is False
+
+
 def test_rtn_through_the_same_front_door(tiny_llama):
     minquant.quantize(tiny_llama, "rtn", bits=8, group_size=-1, sym=True, progress=False)
     assert tiny_llama.config.quantization_config["method"] == "rtn"
@@ -37,7 +62,12 @@ def test_rtn_through_the_same_front_door(tiny_llama):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(method="awq2"), "unknown method 'awq2'; minquant has: rtn, gptq"),
+    (dict(method="awq2"), "unknown method 'awq2'; minquant has: rtn, gptq, awq"),
+    (dict(method="awq", act_order=True, calib=ids()), "act_order: GPTQ option"),
+    (dict(method="awq", sym=True, full_range=True, calib=ids()), "full_range is a GPTQ/RTN option"),
+    (dict(method="rtn", clip=False), "AWQ options"),
+    (dict(method="awq", calib=torch.zeros(0, 16, dtype=torch.long)), "non-empty"),
+    (dict(method="awq", bits=9), "bits must be"),
     (dict(bits=9), "bits must be an integer from 2 to 8"),
     (dict(bits=1), "bits must be an integer from 2 to 8"),
     (dict(calib="c4"), "needs the model's tokenizer"),
@@ -45,7 +75,9 @@ def test_rtn_through_the_same_front_door(tiny_llama):
     (dict(calib=torch.randn(4, 16)), "integer tensor"),
     (dict(n_samples=0, calib="c4", tokenizer=object()), "n_samples must be at least 1"),
     (dict(group_size=48, calib=ids()), "group_size 48 does not divide the 64"),
-    (dict(method="rtn", search_range=True), "search_range is a GPTQ option"),
+    (dict(method="rtn", search_range=True), "search_range and true_sequential are GPTQ options"),
+    (dict(method="rtn", true_sequential=False), "search_range and true_sequential are GPTQ options"),
+    (dict(method="awq", true_sequential=False, calib=ids()), "true_sequential=False: GPTQ option"),
     (dict(full_range=True), "full_range is a variant of symmetric"),
 ])
 def test_bad_arguments_are_named(tiny_llama, kwargs, match):

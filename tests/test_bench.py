@@ -56,7 +56,7 @@ def test_gptq_sweep_labels_and_table():
 
     labels = [label for label, _ in entries()]
     n_asym = sum(not sym for _, _, sym in SCHEMES)  # HQQ has asymmetric entries only
-    assert len(labels) == len(set(labels)) == 1 + 6 * len(SCHEMES) + n_asym + 2 * len(SCHEMES) + 3 * (len(SCHEMES) - n_asym)
+    assert len(labels) == len(set(labels)) == 1 + 6 * len(SCHEMES) + n_asym + 3 * len(SCHEMES) + 3 * (len(SCHEMES) - n_asym)
     assert all(spec["group_size"] in (-1, 64) for _, spec in entries()[1:])  # 576 inputs: no g128
     record = {"protocol": PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
         "fp32": {"ppl": 20.0, "quantize_seconds": 0.0, "measured": "2026-01-01 00:00 UTC", "peak_rss_bytes": 1e9},
@@ -70,17 +70,36 @@ def test_gptq_sweep_labels_and_table():
     record["results"]["GPTQ W4 per-channel sym full-range"] = {"ppl": 33.333, "quantize_seconds": 150.2,
                                                               "measured": "2026-01-02 00:00 UTC"}
     table = gptq_table(record)
-    assert "| W4 per-channel sym | — | 33.33 (150 s) | — | — | — |" in table
-    assert "| W4 per-channel asym | n/a | n/a | n/a | — | — |" in table
+    assert "| W4 per-channel sym | — | 33.33 (150 s) | — | — | — | — |" in table
+    assert "| W4 per-channel asym | n/a | n/a | n/a | — | — | — |" in table
     specs = dict(entries())
     assert specs["GPTQ W4 per-channel sym full-range"]["full_range"] and specs["RTN W3 g64 sym full-range"]["method"] == "rtn"
     assert specs["GPTQ W4 g64 asym range-search act-order static"]["search_range"]
+    assert specs["GPTQ W3 g64 sym not-true-sequential"]["true_sequential"] is False
+
+
+def test_awq_sweep_labels_and_table():
+    from minquant.bench_awq import PROTOCOL, entries, awq_table
+    from minquant.bench_gptq import PROTOCOL as GPTQ_PROTOCOL
+
+    specs = dict(entries())
+    assert len(specs) == len(entries()) == 8 and all(s["group_size"] == 64 and not s["sym"] for s in specs.values())
+    assert specs["llm-compressor AWQ W3 g64 asym"]["peer_method"] == "awq" and not specs["AWQ W4 g64 asym no-clip"]["clip"]
+    assert PROTOCOL["calibration"] == GPTQ_PROTOCOL["calibration"] and PROTOCOL["eval"] == GPTQ_PROTOCOL["eval"]
+    record = {"protocol": PROTOCOL, "results": {
+        "AWQ W4 g64 asym": {"ppl": 25.555, "quantize_seconds": 80.4, "peak_rss_bytes": 2e9}}}
+    gptq = {"results": {"fp32": {"ppl": 20.0, "quantize_seconds": 0.0}, "RTN W4 g64 asym": {"ppl": 27.0, "quantize_seconds": 1.0}}}
+    table = awq_table(record, gptq)
+    assert "| W4 g64 asym | 27.00 (1 s) | — | — | 25.55 (80 s) | — | — | — |" in table
+    assert "| W3 g64 asym | — | — | — | — | — | — | — |" in table
+    assert "fp32: 20.00" in table and "ours 2.0-2.0 GB" in table and "llm-compressor not measured yet" in table
+    assert "fp32" not in awq_table(record)  # without the GPTQ sweep's file
 
 
 def test_peak_rss_sees_an_allocation():
     import time
 
-    from minquant.bench_gptq import PeakRSS, _rss
+    from minquant.sweep import PeakRSS, _rss
 
     with PeakRSS() as mem:
         big = torch.ones(256 * 2**20 // 4)  # 256 MB, touched

@@ -235,6 +235,47 @@ def test_driver_is_true_sequential(tiny_llama, replay):
         torch.testing.assert_close(seen[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_whole_block_driver_uses_each_blocks_float_inputs(tiny_llama):
+    """quantize_whole_blocks (GPTQ's true_sequential=False, AWQ): all of a block's statistics come
+    from one pass of the block as it arrives: float linears, inputs from the quantized blocks before."""
+    from minquant.calibrate import quantize_whole_blocks
+    from minquant.models import LLAMA
+
+    ids = windows()
+    float_model = copy.deepcopy(tiny_llama)
+    seen, quantized = {}, {}
+
+    def quantize_block(prefix, block, stats):
+        for group, st in zip(LLAMA.groups, stats):
+            assert st.n == ids.numel()
+            for name in group:
+                seen[f"{prefix}.{name}"] = (st.H.double().clone(), st.mean_abs.double().clone())
+                linear = block.get_submodule(name)
+                linear.weight.data = quantized[f"{prefix}.{name}"] = gptq_quantize(linear.weight, st.H, GPTQConfig(2, 32)).dequantize()
+
+    quantize_whole_blocks(tiny_llama, ids, quantize_block, batch_size=5, progress=False)
+    block0 = [n for n in seen if ".0." in n]
+    reference = copy.deepcopy(float_model)  # block 0 as the run left it, block 1 still float
+    for name in block0:
+        reference.get_submodule(name).weight.data = quantized[name]
+    for model, names in ((float_model, block0), (reference, [n for n in seen if ".1." in n])):
+        expected, handles, mean_abs = hessians_of(model, ids, names), [], {}
+        for name in names:
+            hook = lambda m, args, name=name: mean_abs.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]).double().abs().mean(0))
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+        with torch.no_grad():
+            model(ids)
+        for name in names:
+            torch.testing.assert_close(seen[name][0], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(seen[name][1], mean_abs[name], rtol=1e-4, atol=1e-6, msg=name)
+    # and not what true sequential would have given: o_proj's inputs did not go through quantized q/k/v
+    true_seq = copy.deepcopy(float_model)
+    for name in [n for n in block0 if "self_attn.q_proj" in n or "k_proj" in n or "v_proj" in n]:
+        true_seq.get_submodule(name).weight.data = quantized[name]
+    o = "model.layers.0.self_attn.o_proj"
+    assert not torch.allclose(seen[o][0], hessians_of(true_seq, ids, [o])[o], rtol=1e-3)
+
+
 def test_driver_sees_quantized_inputs_not_float_ones(tiny_llama):
     """The check above has teeth: the float model's Hessians differ from what the driver used."""
     from minquant.calibrate import quantize_blocks

@@ -1,7 +1,7 @@
-"""llm-compressor's GPTQ on the same model, calibration windows and evaluation as `minquant bench gptq`.
+"""llm-compressor's GPTQ or AWQ on the same model, calibration windows and evaluation as `minquant bench gptq|awq`.
 
 Run inside llm-compressor's own venv (the bench builds it):
-    python -m minquant.peers.llmcompressor_gptq --bits 4 --group-size 64 --sym --out result.json
+    python -m minquant.peers.llmcompressor_quant --method gptq --bits 4 --group-size 64 --sym --out result.json
 Prints nothing the bench needs; writes one JSON object: perplexity, quantization seconds, peak RSS.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--method", default="gptq", choices=["gptq", "awq"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
@@ -34,7 +35,8 @@ def main() -> None:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
     from transformers import AutoModelForCausalLM
 
     from minquant.data import calibration_windows
@@ -55,15 +57,18 @@ def main() -> None:
     weights = QuantizationArgs(num_bits=a.bits, type="int", symmetric=a.sym,
                                strategy="group" if a.group_size > 0 else "channel",
                                group_size=a.group_size if a.group_size > 0 else None)
-    recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                          ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder=a.actorder)
+    scheme = {"config_groups": {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}, "ignore": ["lm_head"]}
+    if a.method == "gptq":
+        recipe = GPTQModifier(**scheme, block_size=128, dampening_frac=0.01, actorder=a.actorder)
+    else:  # AWQ only smooths (its defaults: duo scaling, 20-point grid); the quantizer rounds min/max after it
+        recipe = [AWQModifier(), QuantizationModifier(**scheme)]
     start = time.perf_counter()
     oneshot(model=model, processor=tok, dataset=data, recipe=recipe, num_calibration_samples=a.n, max_seq_length=a.seqlen,
             shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
     peak_rss = peak_rss_bytes()
     ppl = perplexity(model, tok, "wikitext2", seqlen=a.eval_seqlen, max_windows=a.eval_windows, progress=False)
-    result = {"tool": "llm-compressor", "version": llmcompressor.__version__, "method": "GPTQModifier",
+    result = {"tool": "llm-compressor", "version": llmcompressor.__version__, "method": "GPTQModifier" if a.method == "gptq" else "AWQModifier + QuantizationModifier",
               "bits": a.bits, "group_size": a.group_size, "sym": a.sym, "actorder": a.actorder,
               "ppl": ppl.ppl, "quantize_seconds": seconds, "peak_rss_bytes": peak_rss,
               "torch": torch.__version__, "transformers": __import__("transformers").__version__}
