@@ -49,8 +49,11 @@ def awq_table(record: dict, gptq: dict | None = None) -> str:
              f"{p['calibration']['seqlen']} tokens of C4, seed {p['calibration']['seed']}. "
              + (f"fp32: {g['fp32']['ppl']:.2f}. " if "fp32" in g else "")
              + "RTN and GPTQ from the GPTQ sweep (same protocol). llm-compressor: `AWQModifier` (duo scaling, "
-             "20-point grid, no clip search) then min/max rounding. Peak resident memory while quantizing: "
-             f"ours {gb(peak('AWQ'))}, llm-compressor {gb(peak('llm-compressor'))}. — = not measured yet.", "",
+             "20-point grid, no clip search) then min/max rounding." + (
+                 f" Measured by `minquant bench awq` on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
+                 f"last entry {max(v['measured'] for v in r.values())[:10]}." if "machine" in record and r else "")
+             + f" Peak resident memory while quantizing: ours {gb(peak('AWQ'))}, llm-compressor "
+             f"{gb(peak('llm-compressor'))}. — = not measured yet.", "",
              "| scheme | RTN | GPTQ | GPTQ act-order (static) | AWQ | AWQ, duo scaling | AWQ, no clip search "
              "| llm-compressor AWQ |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for bits, gs, sym in SCHEMES:

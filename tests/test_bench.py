@@ -86,13 +86,14 @@ def test_awq_sweep_labels_and_table():
     assert len(specs) == len(entries()) == 8 and all(s["group_size"] == 64 and not s["sym"] for s in specs.values())
     assert specs["llm-compressor AWQ W3 g64 asym"]["peer_method"] == "awq" and not specs["AWQ W4 g64 asym no-clip"]["clip"]
     assert PROTOCOL["calibration"] == GPTQ_PROTOCOL["calibration"] and PROTOCOL["eval"] == GPTQ_PROTOCOL["eval"]
-    record = {"protocol": PROTOCOL, "results": {
-        "AWQ W4 g64 asym": {"ppl": 25.555, "quantize_seconds": 80.4, "peak_rss_bytes": 2e9}}}
+    record = {"protocol": PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
+        "AWQ W4 g64 asym": {"ppl": 25.555, "quantize_seconds": 80.4, "peak_rss_bytes": 2e9, "measured": "2026-01-03 00:00 UTC"}}}
     gptq = {"results": {"fp32": {"ppl": 20.0, "quantize_seconds": 0.0}, "RTN W4 g64 asym": {"ppl": 27.0, "quantize_seconds": 1.0}}}
     table = awq_table(record, gptq)
     assert "| W4 g64 asym | 27.00 (1 s) | — | — | 25.55 (80 s) | — | — | — |" in table
     assert "| W3 g64 asym | — | — | — | — | — | — | — |" in table
     assert "fp32: 20.00" in table and "ours 2.0-2.0 GB" in table and "llm-compressor not measured yet" in table
+    assert "on X (2 cores), last entry 2026-01-03" in table
     assert "fp32" not in awq_table(record)  # without the GPTQ sweep's file
 
 
