@@ -198,9 +198,9 @@ def foldable(prev: nn.Module, linears: list[nn.Linear]) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def _check_model(model: nn.Module, cfg: AWQConfig):
-    from minquant.models import architecture, find_blocks
+    from minquant.models import architecture
+    from minquant.calibrate import check_linears
     from minquant.nn import QuantLinear
-    from minquant.packing import check_packable
 
     arch = architecture(model)
     if arch.awq_prev is None:
@@ -215,15 +215,7 @@ def _check_model(model: nn.Module, cfg: AWQConfig):
                          "cannot fold into its norms; use method='gptq'")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
-    for i, block in enumerate(find_blocks(model, arch)):
-        for name in arch.linears:
-            linear = block.get_submodule(name)
-            try:
-                check_packable(linear.out_features, linear.in_features, cfg.quant)
-            except ValueError as e:
-                raise ValueError(f"block {i} {name}: {e}") from None
-            if not torch.isfinite(linear.weight).all():
-                raise ValueError(f"block {i} {name}: weight has NaN/Inf values; nothing was quantized")
+    check_linears(model, arch, cfg.quant)
     return arch
 
 

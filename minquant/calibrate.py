@@ -162,6 +162,21 @@ def finished_modules(block: nn.Module, done: set[str]) -> list[str]:
     return found
 
 
+def check_linears(model: nn.Module, arch: Architecture, cfg) -> None:
+    """Every linear of every block can be stored with `cfg` (a QuantConfig) and has finite weights; else a clear error."""
+    from minquant.packing import check_packable
+
+    for i, block in enumerate(find_blocks(model, arch)):
+        for name in arch.linears:
+            linear = block.get_submodule(name)
+            try:
+                check_packable(linear.out_features, linear.in_features, cfg)
+            except ValueError as e:
+                raise ValueError(f"block {i} {name}: {e}") from None
+            if not torch.isfinite(linear.weight).all():
+                raise ValueError(f"block {i} {name}: weight has NaN/Inf values; nothing was quantized")
+
+
 GroupQuantizer = Callable[[dict[str, nn.Linear], torch.Tensor], None]
 
 

@@ -198,21 +198,12 @@ def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQ
     llm-compressor does), instead of inputs that went through the block's already-quantized linears.
     Returns a report: total seconds, per-layer loss and damping. lm_head and embeddings stay float.
     """
-    from minquant.calibrate import quantize_blocks, quantize_whole_blocks
-    from minquant.models import architecture, find_blocks
+    from minquant.calibrate import check_linears, quantize_blocks, quantize_whole_blocks
+    from minquant.models import architecture
     from minquant.nn import QuantLinear
-    from minquant.packing import check_packable
 
     arch = architecture(model)
-    for i, block in enumerate(find_blocks(model, arch)):  # check every layer before changing any
-        for name in arch.linears:
-            linear = block.get_submodule(name)
-            try:
-                check_packable(linear.out_features, linear.in_features, cfg.quant)
-            except ValueError as e:
-                raise ValueError(f"block {i} {name}: {e}") from None
-            if not torch.isfinite(linear.weight).all():
-                raise ValueError(f"block {i} {name}: weight has NaN/Inf values; nothing was quantized")
+    check_linears(model, arch, cfg.quant)  # every layer, before changing any
 
     results: dict[str, GPTQResult] = {}
 
