@@ -220,14 +220,10 @@ def _check_model(model: nn.Module, cfg: AWQConfig):
 
 
 def _to_quantlinears(model: nn.Module, quantized: dict[str, tuple], cfg: QuantConfig) -> None:
-    from minquant.nn import QuantLinear
+    from minquant.nn import replace_linear
 
     for name, (q, scale, zero) in quantized.items():
-        linear = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        bias = linear.bias.detach().cpu() if linear.bias is not None else None
-        setattr(model.get_submodule(parent), child,
-                QuantLinear.from_quantized(q.cpu(), scale.cpu(), zero.cpu(), None, cfg, bias).to(linear.weight.device))
+        replace_linear(model, name, q, scale, zero, None, cfg)
 
 
 @torch.no_grad()
@@ -282,11 +278,11 @@ def apply_awq(model: nn.Module, search: AWQSearch) -> nn.Module:
     arch = _check_model(model, cfg)
     for prev_name, names in search.mappings:
         fold_scale(model.get_submodule(prev_name), [model.get_submodule(n) for n in names], search.scales[prev_name])
-    quantized = {}
     from minquant.models import find_blocks
 
-    prefix = next(n for n, m in model.named_modules() if m is find_blocks(model, arch))
-    for i in range(len(find_blocks(model, arch))):
+    quantized, blocks = {}, find_blocks(model, arch)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    for i in range(len(blocks)):
         for name in arch.linears:
             full = f"{prefix}.{i}.{name}"
             q, scale, zero, _ = quantize_shrunk(model.get_submodule(full).weight, cfg.quant, search.clips.get(full, 1.0))

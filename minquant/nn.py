@@ -74,3 +74,15 @@ class QuantLinear(nn.Module):
         g = "per-channel" if self.cfg.group_size == -1 else f"group_size={self.cfg.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.cfg.bits}, "
                 f"{g}, symmetric={self.cfg.symmetric}, bias={self.bias is not None}")
+
+
+@torch.no_grad()
+def replace_linear(model: nn.Module, name: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   g_idx: torch.Tensor | None, cfg: QuantConfig) -> QuantLinear:
+    """Swap the nn.Linear called `name` in `model` for a QuantLinear holding q (N, K), scale/zero (N, G); bias and device kept."""
+    linear = model.get_submodule(name)
+    bias = linear.bias.detach().cpu() if linear.bias is not None else None
+    qlinear = QuantLinear.from_quantized(q.cpu(), scale.cpu(), zero.cpu(), None if g_idx is None else g_idx.cpu(), cfg, bias)
+    qlinear = qlinear.to(linear.weight.device)
+    model.set_submodule(name, qlinear)
+    return qlinear

@@ -72,8 +72,7 @@ def _quantize_linears(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...],
         w = linear.weight.data
         if pack:
             qlinear = QuantLinear.from_linear(linear, cfg)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, qlinear)
+            model.set_submodule(name, qlinear)
             w_hat = qlinear.dequantize_weight(w.dtype)
         else:
             w_hat = fake_quantize(w, cfg)

@@ -44,6 +44,11 @@ def main() -> None:
     from minquant.models import load_model
     from minquant.peers import peak_rss_bytes
 
+    if not torch.accelerator.is_available():
+        # llm-compressor 0.14's AWQ pins its cached activations (for faster copies to a GPU) and pinning
+        # raises on a machine without one. Pinning changes no value: skip it there.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     torch.manual_seed(a.seed)
     model, tok = load_model(a.model)
     # llm-compressor re-reads the config from the model's folder, and a GGUF folder has no config.json:
