@@ -17,7 +17,7 @@ METHODS = ("rtn", "gptq", "awq")
 def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, group_size: int = 128,
              sym: bool = False, full_range: bool = False, act_order: bool = False, static_groups: bool = False,
              search_range: bool = False, damp: float = 0.01, true_sequential: bool = True,
-             duo_scaling: bool = False, clip: bool = True,
+             duo_scaling: bool = False, clip: bool = True, bits_budget: float | None = None, sensitivity_samples: int = 16,
              calib: str | torch.Tensor = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0,
              device=None, batch_size: int = 8, progress: bool = True):
     """Quantize `model`'s linear layers in place into QuantLinear (GPTQ layout) and return the model.
@@ -28,6 +28,10 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     around 0. `search_range` (GPTQ): each group's range narrowed to the one that rounds it best.
     `true_sequential=False` (GPTQ): each block's groups all calibrated on its float inputs.
     `duo_scaling`, `clip` (AWQ): scales from activations and weights; search each group's range shrink.
+    `bits_budget` (GPTQ): mixed precision: bits and group size per layer (2/3/4/8 bits at g32/g64/g128/
+    per-channel, or fp16) with the least summed sensitivity (measured on the first `sensitivity_samples`
+    calibration windows) at <= that many bits per weight of the block linears, scales and zeros counted;
+    `bits`/`group_size`/`sym` then only set the base. The plan is left in `model.mixed_plan`.
     A report (seconds, per-layer loss) is left in `model.quantization_report`; for AWQ, the search
     (scales, clips; `.save(path)`, `minquant.awq.apply_awq`) in `model.awq_search`.
     """
@@ -44,6 +48,8 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         raise ValueError(f"{', '.join(k for k, v in gptq_only.items() if v)}: GPTQ option(s), not AWQ's")
     if method != "awq" and (duo_scaling or not clip):
         raise ValueError("duo_scaling and clip are AWQ options")
+    if bits_budget is not None and method != "gptq":
+        raise ValueError(f"bits_budget (mixed precision) quantizes with GPTQ; method={method!r} has no per-layer plan")
     cfg = GPTQConfig(bits=bits, group_size=group_size, sym=sym, full_range=full_range, damp=damp, act_order=act_order,
                      static_groups=static_groups, search_range=search_range)  # validates the numbers for either method
     if method == "awq":
@@ -69,9 +75,20 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         from minquant.gptq import gptq_quantize_model
 
         windows = calibration_data(calib, tokenizer, n_samples, seqlen, seed)
+        plan = None
+        if bits_budget is not None:
+            from minquant.mixed import candidate_configs, plan_model
+
+            if sensitivity_samples < 1:
+                raise ValueError(f"sensitivity_samples must be at least 1, got {sensitivity_samples}")
+            model.mixed_plan, _ = plan_model(model, windows[:sensitivity_samples], bits_budget,
+                                             candidate_configs(symmetric=sym), progress=progress)
+            plan = {name: model.mixed_plan.config(name) for name in model.mixed_plan.layers}
         report = gptq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size,
-                                     true_sequential=true_sequential, progress=progress)
+                                     true_sequential=true_sequential, plan=plan, progress=progress)
         report["calibration"] = _calibration_report(calib, windows, seed)
+        if plan is not None:
+            report["mixed_plan"] = model.mixed_plan.to_json()
     model.config.quantization_config = quantization_config(cfg.quant, ("lm_head",), method=method,
                                                            desc_act=act_order and method == "gptq",
                                                            static_groups=static_groups, damp_percent=damp,

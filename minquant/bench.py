@@ -165,9 +165,42 @@ def _awq_table(record: dict) -> str:
     return awq_table(record, json.loads(gptq.read_text()) if gptq.is_file() else None)
 
 
+def _mixed_table(record: dict) -> str:
+    from minquant.bench_mixed import mixed_table
+
+    gptq = RESULTS_DIR / "gptq_smollm2.json"
+    return mixed_table(record, json.loads(gptq.read_text()) if gptq.is_file() else None)
+
+
+def _sensitivity_table(record: dict) -> str:
+    from minquant.bench_mixed import sensitivity_table_md
+
+    return sensitivity_table_md(record)
+
+
+def _calibration_table(record: dict) -> str:
+    from minquant.bench_mixed import calibration_table
+
+    return calibration_table(record)
+
+
+def _eightbit_table(record: dict) -> str:
+    from minquant.bench_mixed import eightbit_table
+
+    return eightbit_table(record)
+
+
+def _claims_table(record: dict) -> str:
+    from minquant.bench_mixed import claims_table
+
+    return claims_table(record)
+
+
 # results file -> its README table
 TABLES = {"rtn_smollm2": rtn_table, "packing_smollm2": packing_table, "gptq_smollm2": _gptq_table,
-          "awq_smollm2": _awq_table}
+          "awq_smollm2": _awq_table, "mixed_smollm2": _mixed_table, "sensitivity_smollm2": _sensitivity_table,
+          "calibration_smollm2": _calibration_table, "eightbit": _eightbit_table,
+          "claims": _claims_table}
 README = RESULTS_DIR.parent.parent / "README.md"
 
 
@@ -179,6 +212,8 @@ def update_readme(path: Path = README) -> None:
     """Rewrite each results block of the README from its results file (never typed by hand)."""
     text = path.read_text()
     for name in TABLES:
+        if not (RESULTS_DIR / f"{name}.json").is_file():
+            continue
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
         if start in text:
             head, rest = text.split(start, 1)

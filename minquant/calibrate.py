@@ -162,15 +162,25 @@ def finished_modules(block: nn.Module, done: set[str]) -> list[str]:
     return found
 
 
-def check_linears(model: nn.Module, arch: Architecture, cfg) -> None:
-    """Every linear of every block can be stored with `cfg` (a QuantConfig) and has finite weights; else a clear error."""
+def check_linears(model: nn.Module, arch: Architecture, cfg, plan: dict | None = None) -> None:
+    """Every linear of every block can be stored with `cfg` (a QuantConfig; or `plan[full name]`, None = stays
+    float) and has finite weights; else a clear error."""
     from minquant.packing import check_packable
 
-    for i, block in enumerate(find_blocks(model, arch)):
+    blocks = find_blocks(model, arch)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    unknown = sorted(set(plan or {}) - {f"{prefix}.{i}.{name}" for i in range(len(blocks)) for name in arch.linears})
+    if unknown:
+        raise ValueError(f"the plan names layers the model does not quantize: {', '.join(unknown[:3])}"
+                         + (" ..." if len(unknown) > 3 else "") + f" (its layers look like {prefix}.0.{arch.linears[0]})")
+    for i, block in enumerate(blocks):
         for name in arch.linears:
             linear = block.get_submodule(name)
+            layer_cfg = plan.get(f"{prefix}.{i}.{name}", cfg) if plan else cfg
+            if layer_cfg is None:
+                continue
             try:
-                check_packable(linear.out_features, linear.in_features, cfg)
+                check_packable(linear.out_features, linear.in_features, layer_cfg)
             except ValueError as e:
                 raise ValueError(f"block {i} {name}: {e}") from None
             if not torch.isfinite(linear.weight).all():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -25,15 +27,45 @@ from minquant.quant import QuantConfig
 def quantization_config(cfg: QuantConfig, skip: tuple[str, ...] = (), *, method: str = "rtn", desc_act: bool = False,
                         static_groups: bool = False, damp_percent: float = 0.01, true_sequential: bool = True) -> dict:
     """The `quantization_config` block of config.json for GPTQ v1 checkpoints (also for RTN/AWQ weights:
-    the format is the same, `method` says how the integers were chosen)."""
+    the format is the same, `minquant_method` says how the integers were chosen; not "method", which
+    GPTQModel reads as its own quantization method)."""
     return {"quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": desc_act,
             "sym": cfg.symmetric, "static_groups": static_groups, "true_sequential": true_sequential,
             "checkpoint_format": "gptq", "damp_percent": damp_percent, "modules_in_block_to_quantize": None,
-            "quantized_by": "minquant", "method": method, "skipped_modules": list(skip)}
+            "quantized_by": "minquant", "minquant_method": method, "skipped_modules": list(skip)}
 
 
-def _quantized_configs(model) -> set[QuantConfig]:
-    return {m.cfg for m in model.modules() if isinstance(m, QuantLinear)}
+def _dynamic(model, base: QuantConfig) -> dict[str, dict]:
+    """GPTQModel's per-module overrides (`dynamic`, which vLLM also reads): for each QuantLinear stored
+    differently from `base`, "+:<its name>$" -> its bits/group_size/sym; for each linear of a block left
+    float, "-:<its name>$" (not quantized). Keys are regular expressions matched from the module name's start."""
+    from minquant.models import ARCHITECTURES, find_blocks
+
+    dynamic = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.cfg != base:
+            dynamic[f"+:{re.escape(name)}$"] = {"bits": m.cfg.bits, "group_size": m.cfg.group_size, "sym": m.cfg.symmetric}
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    if arch is not None:
+        blocks = find_blocks(model, arch)
+        prefix = next(n for n, m in model.named_modules() if m is blocks)
+        for name, m in blocks.named_modules(prefix=prefix):
+            if type(m) is torch.nn.Linear:
+                dynamic[f"-:{re.escape(name)}$"] = {}
+    return dynamic
+
+
+def module_config(qc: dict, name: str) -> QuantConfig | None:
+    """The config a checkpoint's `quantization_config` gives module `name`: the first `dynamic` rule that
+    matches it (None for a "-:" rule: not quantized), else the base one. The same reading as vLLM's."""
+    for pattern, override in (qc.get("dynamic") or {}).items():
+        if pattern.startswith("-:"):
+            if re.match(pattern[2:], name):
+                return None
+        elif re.match(pattern.removeprefix("+:"), name):
+            return QuantConfig(bits=override.get("bits", qc["bits"]), group_size=override.get("group_size", qc["group_size"]),
+                               symmetric=bool(override.get("sym", qc.get("sym", False))))
+    return QuantConfig(bits=qc["bits"], group_size=qc["group_size"], symmetric=bool(qc.get("sym", False)))
 
 
 def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -41,10 +73,10 @@ def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = t
 
     The model itself is left unchanged; the float tensors (embeddings, norms) are saved in `dtype`.
     """
-    cfgs = _quantized_configs(model)
-    if len(cfgs) != 1:
-        raise ValueError(f"expected a model quantized with one config (QuantLinear layers), found {len(cfgs)} configs")
-    (cfg,) = cfgs
+    counts = Counter(m.cfg for m in model.modules() if isinstance(m, QuantLinear))
+    if not counts:
+        raise ValueError("the model has no QuantLinear layers: quantize it first (minquant.quantize)")
+    cfg = counts.most_common(1)[0][0]  # the base config; the others go in `dynamic` (mixed precision)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
@@ -54,9 +86,13 @@ def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = t
     config = copy.deepcopy(model.config)
     known = getattr(model.config, "quantization_config", None)  # set by minquant.quantize: how it was made
     made_by_us = isinstance(known, dict) and known.get("quantized_by") == "minquant"
-    extra = {k: known[k] for k in ("method", "static_groups", "damp_percent")} if made_by_us else {}
+    extra = {"method": known["minquant_method"], "static_groups": known["static_groups"],
+             "damp_percent": known["damp_percent"]} if made_by_us else {}
     permuted = any(m.act_order for m in model.modules() if isinstance(m, QuantLinear))
     config.quantization_config = quantization_config(cfg, ("lm_head",), desc_act=permuted or bool(made_by_us and known["desc_act"]), **extra)
+    dynamic = _dynamic(model, cfg)
+    if dynamic:
+        config.quantization_config["dynamic"] = dynamic
     config.dtype = dtype
     config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
@@ -99,16 +135,15 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):
 
     folder = Path(folder)
     qc = read_quantization_config(folder)
-    cfg = QuantConfig(bits=qc["bits"], group_size=qc["group_size"], symmetric=bool(qc.get("sym", False)))
     tensors = _read_safetensors(folder)
     config = AutoConfig.from_pretrained(folder)
     del config.quantization_config  # we build the layers ourselves; transformers must not try to
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
-        linear = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child,
-                QuantLinear(linear.in_features, linear.out_features, cfg, bias=f"{name}.bias" in tensors))
+        linear, cfg = model.get_submodule(name), module_config(qc, name)
+        if cfg is None:
+            raise ValueError(f"{folder}: {name} has packed weights but the quantization_config's dynamic rules say it is not quantized")
+        model.set_submodule(name, QuantLinear(linear.in_features, linear.out_features, cfg, bias=f"{name}.bias" in tensors))
     _load_checked(model, tensors, folder)
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer

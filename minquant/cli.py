@@ -59,13 +59,20 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                       sym=args.sym, full_range=args.full_range, act_order=args.act_order,
                       static_groups=args.static_groups, search_range=args.search_range, damp=args.damp,
                       true_sequential=not args.no_true_sequential, duo_scaling=args.duo_scaling, clip=not args.no_clip,
+                      bits_budget=args.bits_budget,
                       calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed, device=args.device)
     seconds = time.perf_counter() - start
     out = save_quantized(model, tokenizer, args.out)
     if args.method == "awq":  # the scales and clips, to re-apply to the float model (minquant.awq.apply_awq)
         model.awq_search.save(out / "awq_search.safetensors")
+    if args.bits_budget is not None:  # which config each layer got
+        plan = model.mixed_plan
+        plan.save(out / "mixed_plan.json")
+        print(f"mixed precision: {plan.bits_per_weight:.3f} bits per weight (budget {args.bits_budget}); layers per config: "
+              + ", ".join(f"{label} {n}" for label, n in plan.counts().items()))
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"\n{args.method.upper()} W{args.bits} g{args.group_size}{' sym' if args.sym else ''}"
+    scheme = f"mixed {model.mixed_plan.bits_per_weight:.2f} bits/weight" if args.bits_budget is not None else f"W{args.bits} g{args.group_size}"
+    print(f"\n{args.method.upper()} {scheme}{' sym' if args.sym else ''}"
           f"{' act-order' if args.act_order else ''}: quantized in {seconds:.1f} s; "
           f"saved {out} ({size / 1e6:.1f} MB of weights)")
     if args.eval_windows:
@@ -99,6 +106,36 @@ def cmd_bench(args: argparse.Namespace) -> None:
         path = bench_awq(only=args.only, redo=args.redo)
         print(f"saved {path}\n\n{bench.TABLES['awq_smollm2'](bench.load_results('awq_smollm2'))}")
         return
+    if args.which == "mixed":
+        from minquant.bench_mixed import bench_mixed
+
+        path = bench_mixed(only=args.only, redo=args.redo)
+        print(f"saved {path}\n\n{bench.TABLES['mixed_smollm2'](bench.load_results('mixed_smollm2'))}")
+        return
+    if args.which == "calibration":
+        from minquant.bench_mixed import bench_calibration
+
+        path = bench_calibration(only=args.only, redo=args.redo)
+        print(f"saved {path}\n\n{bench.TABLES['calibration_smollm2'](bench.load_results('calibration_smollm2'))}")
+        return
+    if args.which == "claims":
+        from minquant.bench_mixed import bench_claims
+
+        path = bench_claims()
+        print(f"saved {path}\n\n{bench.TABLES['claims'](bench.load_results('claims'))}")
+        return
+    if args.which == "eightbit":
+        from minquant.bench_mixed import bench_eightbit
+
+        path = bench_eightbit()
+        print(f"saved {path}\n\n{bench.TABLES['eightbit'](bench.load_results('eightbit'))}")
+        return
+    if args.which == "sensitivity":
+        from minquant.bench_mixed import bench_sensitivity
+
+        path = bench_sensitivity()
+        print(f"saved {path}\n\n{bench.TABLES['sensitivity_smollm2'](bench.load_results('sensitivity_smollm2'))}")
+        return
     if args.which == "packing":
         path = bench.bench_packing()
         print(f"saved {path}\n\n{bench.packing_table(bench.load_results('packing_smollm2'))}")
@@ -130,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "  minquant quantize smollm2-135m --method rtn --bits 8 --group-size -1 --out smollm2-w8\n"
                            "  minquant quantize smollm2-135m --method awq --bits 4 --group-size 64 --out smollm2-awq\n"
                            "  minquant quantize meta-llama/Llama-3.2-1B --bits 4 --act-order --device cuda --out llama-gptq\n"
-                           "  minquant quantize smollm2-135m --bits 3 --group-size 64 --eval-windows 16 --out w3"))
+                           "  minquant quantize smollm2-135m --bits 3 --group-size 64 --eval-windows 16 --out w3\n"
+                           "  minquant quantize smollm2-135m --bits-budget 3.5 --group-size 64 --out smollm2-mixed"))
     p.add_argument("model", help="packaged name (smollm2-135m), local folder, or Hugging Face id")
     p.add_argument("--out", required=True, help="folder to write the checkpoint to")
     p.add_argument("--method", choices=["gptq", "rtn", "awq"], default="gptq")
@@ -146,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, fraction of H's mean diagonal")
     p.add_argument("--duo-scaling", action="store_true", help="AWQ: scales from activations and weights")
     p.add_argument("--no-clip", action="store_true", help="AWQ: no range-shrink search")
+    p.add_argument("--bits-budget", type=float, default=None, metavar="BPW",
+                   help="GPTQ mixed precision: bits and group size per layer at <= BPW bits per weight "
+                        "(scales and zeros counted), chosen by measured sensitivity; e.g. 3.5")
     p.add_argument("--calib", default="c4", choices=["c4", "wikitext2"], help="calibration text")
     p.add_argument("--n-samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
@@ -159,14 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "examples:\n  minquant bench rtn                  # quick CPU protocol: 16 windows\n"
                            "  minquant bench rtn --max-windows 0 --device cuda   # the full test set\n"
                            "  minquant bench gptq --only 'fp32' '*W4 g64 sym*'   # part of the GPTQ sweep\n"
+                           "  minquant bench sensitivity          # per-layer proxies vs measured loss (~30 min)\n"
+                           "  minquant bench mixed --only 'mixed 3.297*'   # mixed precision at uniform W3 g64's bytes\n"
                            "  minquant bench readme               # README tables from data/results/"))
-    p.add_argument("which", choices=["rtn", "gptq", "awq", "packing", "kernels", "readme"],
+    p.add_argument("which", choices=["rtn", "gptq", "awq", "sensitivity", "mixed", "calibration", "eightbit", "claims", "packing", "kernels",
+                                          "readme"],
                    help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); gptq: GPTQ vs RTN vs llm-compressor on "
-                        "SmolLM2; awq: AWQ vs llm-compressor's AWQ on SmolLM2; packing: bytes on disk; "
+                        "SmolLM2; awq: AWQ vs llm-compressor's AWQ on SmolLM2; sensitivity: per-layer proxies vs "
+                        "measured loss; mixed: mixed-precision GPTQ vs uniform; calibration: GPTQ/AWQ by calibration data; eightbit: int8 and fp8 weights; claims: the course's claims vs our numbers; packing: bytes on disk; "
                         "kernels: the W4A16 kernel on a GPU; readme: README tables from data/results/")
-    p.add_argument("--only", nargs="+", metavar="PATTERN", help="gptq/awq: run only the entries whose label matches "
+    p.add_argument("--only", nargs="+", metavar="PATTERN", help="gptq/awq/mixed/calibration: run only the entries whose label matches "
                    "(e.g. 'GPTQ W4 g64*' 'fp32'); entries already saved are skipped")
-    p.add_argument("--redo", action="store_true", help="gptq/awq: measure selected entries again even if saved")
+    p.add_argument("--redo", action="store_true", help="gptq/awq/mixed/calibration: measure selected entries again even if saved")
     p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 windows to score; 0 = all")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--device", default="cpu")

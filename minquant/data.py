@@ -111,7 +111,8 @@ def calibration_windows(source: str, tokenizer, n: int = 128, seqlen: int = 512,
 
     C4 as in the GPTQ paper: pick a random document, keep it only if it is longer than `seqlen`
     tokens, take a random window of it. WikiText-2 (validation split by default, never the test
-    split we evaluate on): random windows of the whole tokenized text.
+    split we evaluate on): random windows of the whole tokenized text. "random": uniformly random
+    token ids, a control that shows what real text is worth.
     """
     if n < 1 or seqlen < 1:
         raise ValueError(f"need n >= 1 and seqlen >= 1, got n={n}, seqlen={seqlen}")
@@ -126,7 +127,10 @@ def calibration_windows(source: str, tokenizer, n: int = 128, seqlen: int = 512,
             raise ValueError(f"WikiText-2 has {len(ids)} tokens, fewer than seqlen={seqlen}")
         starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(n)]
         return torch.stack([ids[s:s + seqlen] for s in starts])
-    raise ValueError(f"unknown calibration source {source!r}; known: c4, wikitext2")
+    if source == "random":  # no text at all: token ids drawn uniformly from the vocabulary
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, len(tokenizer), (n, seqlen), generator=g)
+    raise ValueError(f"unknown calibration source {source!r}; known: c4, wikitext2, random")
 
 
 def _c4_windows(docs: list[str], tokenizer, n: int, seqlen: int, rng: random.Random) -> torch.Tensor:

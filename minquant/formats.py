@@ -216,3 +216,18 @@ def decode(bits: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     else:
         value = torch.where(top & (man_field == 2**fmt.man_bits - 1), float("nan"), value)
     return torch.where(sign == 1, -value, value)
+
+
+def scaled_fp8(w: torch.Tensor, per_channel: bool = True, fmt: FloatFormat = FP8_E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight-only fp8 as inference engines store it ("FP8 W8A16"): w ~ fp8(w / s) * s, one fp32 scale
+    s = max|w| / fmt.max per output row (or per tensor), so each row's largest weight lands on fmt's largest value.
+
+    Returns (the dequantized weight, same shape and dtype as w; the scales (N, 1) or (1, 1)).
+    """
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight has NaN/Inf values")
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax().reshape(1, 1)
+    scale = (amax.float() / fmt.max).clamp(min=torch.finfo(torch.float32).tiny)  # an all-zero row keeps scale > 0
+    return (round_to_format(w.float() / scale, fmt) * scale).to(w.dtype), scale

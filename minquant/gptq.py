@@ -191,25 +191,35 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResu
 
 @torch.no_grad()
 def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQConfig, *, device=None,
-                        batch_size: int = 8, true_sequential: bool = True, progress: bool = True) -> dict:
+                        batch_size: int = 8, true_sequential: bool = True, plan: dict | None = None,
+                        progress: bool = True) -> dict:
     """GPTQ every linear of every block on calibration `windows` (n, seqlen); linears become QuantLinear.
 
     `true_sequential=False`: every group's H from the block's float inputs, one pass per block (as
     llm-compressor does), instead of inputs that went through the block's already-quantized linears.
-    Returns a report: total seconds, per-layer loss and damping. lm_head and embeddings stay float.
+    `plan` (mixed precision): {full layer name: QuantConfig, or None to keep it float}; the bits,
+    group size and symmetry of a layer in it replace cfg's. Returns a report: total seconds,
+    per-layer loss and damping. lm_head and embeddings stay float.
     """
     from minquant.calibrate import check_linears, quantize_blocks, quantize_whole_blocks
     from minquant.models import architecture
-    from minquant.nn import QuantLinear
+    from minquant.nn import replace_linear
 
     arch = architecture(model)
-    check_linears(model, arch, cfg.quant)  # every layer, before changing any
+    check_linears(model, arch, cfg.quant, plan)  # every layer, before changing any
+    layer_cfgs: dict[str, GPTQConfig | None] = {
+        name: None if q is None else replace(cfg, bits=q.bits, group_size=q.group_size, sym=q.symmetric,
+                                             full_range=q.full_range and q.symmetric)
+        for name, q in (plan or {}).items()}
 
     results: dict[str, GPTQResult] = {}
 
     def quantize_group(linears: dict[str, torch.nn.Linear], H: torch.Tensor) -> None:
         for name, linear in linears.items():
-            r = gptq_quantize(linear.weight, H, cfg)
+            layer_cfg = layer_cfgs.get(name, cfg)
+            if layer_cfg is None:
+                continue  # the plan keeps it float
+            r = gptq_quantize(linear.weight, H, layer_cfg)
             linear.weight.data = r.dequantize(linear.weight.dtype)  # later groups see the quantized layer
             results[name] = GPTQResult(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in r))
 
@@ -224,10 +234,6 @@ def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQ
         report = quantize_whole_blocks(model, windows, quantize_block, device=device, batch_size=batch_size,
                                        progress=progress, desc=f"GPTQ W{cfg.bits}")
     for name, r in results.items():
-        linear = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        bias = linear.bias.detach().cpu() if linear.bias is not None else None
-        qlinear = QuantLinear.from_quantized(r.q, r.scale, r.zero, r.g_idx, cfg.quant, bias)
-        setattr(model.get_submodule(parent), child, qlinear.to(linear.weight.device))
+        replace_linear(model, name, r.q, r.scale, r.zero, r.g_idx, (layer_cfgs.get(name) or cfg).quant)
     report["layers"] = {name: {"loss": r.loss, "damp": r.damp} for name, r in results.items()}
     return report

@@ -222,11 +222,19 @@ def weight_bytes(cfg, fmt: str, group_size: int = 128, symmetric: bool = False,
             overhead_bits += rows * SCALE_BITS
         else:
             try:
-                groups = groups_per_row(cols, group_size)
+                overhead_bits += linear_bits(rows, cols, bits, group_size, symmetric) - n * bits
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
-            overhead_bits += rows * groups * (SCALE_BITS + (0 if symmetric else bits))
     return WeightBytes(fmt, params, math.ceil(value_bits / 8), math.ceil(overhead_bits / 8))
+
+
+def linear_bits(N: int, K: int, bits: int, group_size: int = 128, symmetric: bool = False) -> int:
+    """Bits to store one (N, K) weight matrix as `bits`-bit integers: the values, plus per group of
+    `group_size` inputs (per row if -1) an fp16 scale and, unless `symmetric`, a `bits`-bit zero-point.
+    bits >= 16 means the matrix stays in that float format, no overhead."""
+    if bits >= 16:
+        return N * K * bits
+    return N * K * bits + N * groups_per_row(K, group_size) * (SCALE_BITS + (0 if symmetric else bits))
 
 
 def kv_cache_bytes(cfg, context: int, batch: int = 1, bytes_per_value: int = 2) -> int:

