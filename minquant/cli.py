@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 
@@ -82,6 +83,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"WikiText-2 test perplexity ({r.windows} windows of {r.seqlen}): {r.ppl:.3f}")
 
 
+# `minquant bench WHICH`: the module and function that measure, and the results file they write
+SWEEPS = {"gptq": ("minquant.bench_gptq", "bench_gptq", "gptq_smollm2"),
+          "awq": ("minquant.bench_awq", "bench_awq", "awq_smollm2"),
+          "mixed": ("minquant.bench_mixed", "bench_mixed", "mixed_smollm2"),
+          "calibration": ("minquant.bench_mixed", "bench_calibration", "calibration_smollm2")}
+BENCHES = {"sensitivity": ("minquant.bench_mixed", "bench_sensitivity", "sensitivity_smollm2"),
+           "eightbit": ("minquant.bench_mixed", "bench_eightbit", "eightbit"),
+           "claims": ("minquant.bench_mixed", "bench_claims", "claims"),
+           "packing": ("minquant.bench", "bench_packing", "packing_smollm2")}
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from minquant import bench
 
@@ -94,51 +106,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         print(f"saved {bench_kernels()}")
         return
-    if args.which == "gptq":
-        from minquant.bench_gptq import bench_gptq, gptq_table
-
-        path = bench_gptq(only=args.only, redo=args.redo)
-        print(f"saved {path}\n\n{gptq_table(bench.load_results('gptq_smollm2'))}")
-        return
-    if args.which == "awq":
-        from minquant.bench_awq import bench_awq
-
-        path = bench_awq(only=args.only, redo=args.redo)
-        print(f"saved {path}\n\n{bench.TABLES['awq_smollm2'](bench.load_results('awq_smollm2'))}")
-        return
-    if args.which == "mixed":
-        from minquant.bench_mixed import bench_mixed
-
-        path = bench_mixed(only=args.only, redo=args.redo)
-        print(f"saved {path}\n\n{bench.TABLES['mixed_smollm2'](bench.load_results('mixed_smollm2'))}")
-        return
-    if args.which == "calibration":
-        from minquant.bench_mixed import bench_calibration
-
-        path = bench_calibration(only=args.only, redo=args.redo)
-        print(f"saved {path}\n\n{bench.TABLES['calibration_smollm2'](bench.load_results('calibration_smollm2'))}")
-        return
-    if args.which == "claims":
-        from minquant.bench_mixed import bench_claims
-
-        path = bench_claims()
-        print(f"saved {path}\n\n{bench.TABLES['claims'](bench.load_results('claims'))}")
-        return
-    if args.which == "eightbit":
-        from minquant.bench_mixed import bench_eightbit
-
-        path = bench_eightbit()
-        print(f"saved {path}\n\n{bench.TABLES['eightbit'](bench.load_results('eightbit'))}")
-        return
-    if args.which == "sensitivity":
-        from minquant.bench_mixed import bench_sensitivity
-
-        path = bench_sensitivity()
-        print(f"saved {path}\n\n{bench.TABLES['sensitivity_smollm2'](bench.load_results('sensitivity_smollm2'))}")
-        return
-    if args.which == "packing":
-        path = bench.bench_packing()
-        print(f"saved {path}\n\n{bench.packing_table(bench.load_results('packing_smollm2'))}")
+    if args.which in SWEEPS or args.which in BENCHES:  # resumable sweeps take --only/--redo
+        module, func, results = SWEEPS.get(args.which) or BENCHES[args.which]
+        run = getattr(importlib.import_module(module), func)
+        path = run(only=args.only, redo=args.redo) if args.which in SWEEPS else run()
+        print(f"saved {path}\n\n{bench.TABLES[results](bench.load_results(results))}")
         return
     path = bench.bench_rtn(max_windows=args.max_windows or None, seqlen=args.seqlen, device=args.device)
     print(f"saved {path}\n\n{bench.rtn_table(bench.load_results('rtn_smollm2'))}")

@@ -40,6 +40,14 @@ def third_party_logits(folder, ids, bits, tmp_path):
     return torch.load(tmp_path / "out.pt")
 
 
+def tiny_llama_model():
+    """A seeded 2-block Llama (hidden 128, grouped-query attention, lm_head separate)."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return T.LlamaForCausalLM(config).eval()
+
+
 def ours(folder, ids):
     model, _ = load_quantized(folder, dtype=torch.float32)
     with torch.no_grad():
@@ -49,10 +57,7 @@ def ours(folder, ids):
 @pytest.mark.parametrize("cfg", [QuantConfig(4, 32), QuantConfig(3, 32), QuantConfig(8, -1, symmetric=True),
                                  QuantConfig(2, 64)])
 def test_tiny_llama(cfg, tmp_path):
-    torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = T.LlamaForCausalLM(config).eval()
+    model = tiny_llama_model()
     quantize_model(model, cfg)
     save_quantized(model, None, tmp_path / "ckpt")
     ids = torch.arange(24).reshape(2, 12)
@@ -79,10 +84,7 @@ def test_tiny_llama_gptq(act_order, tmp_path):
     """A GPTQ checkpoint, with act-order's permuted g_idx and desc_act=true, reads the same elsewhere."""
     import minquant
 
-    torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = T.LlamaForCausalLM(config).eval()
+    model = tiny_llama_model()
     calib = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
     minquant.quantize(model, "gptq", bits=4, group_size=32, act_order=act_order, calib=calib, progress=False)
     save_quantized(model, None, tmp_path / "ckpt")
@@ -111,10 +113,7 @@ def test_tiny_llama_mixed_precision(minilm_tokenizer, tmp_path):
     from minquant.gptq import GPTQConfig, gptq_quantize_model
     from minquant.nn import QuantLinear
 
-    torch.manual_seed(0)
-    config = T.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    model = T.LlamaForCausalLM(config).eval()
+    model = tiny_llama_model()
     calib = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
     # symmetric: GPTQModel's loader takes asymmetric GPTQ v1 files only from its own recent versions
     plan = {f"model.layers.0.self_attn.{x}_proj": QuantConfig(8, 32, symmetric=True) for x in "qkv"}
