@@ -158,3 +158,15 @@ def test_claims_come_from_the_results_files():
     assert f"{rtn['W8 per-channel']:.2f} vs fp32 {rtn['fp32']:.2f}" in eight["measured"] and eight["verdict"] == "holds"
     assert f"RTN W4 g64 {100 * (rtn['W4 g64'] / rtn['fp32'] - 1):+.0f}%" in rows["naive 4-bit weights cost 2-5% quality"]["measured"]
     assert len(rows) == 4
+
+
+def test_mixed_results_meet_the_targets():
+    from minquant.bench_mixed import W3_G64, W4_G64
+
+    mixed = bench.load_results("mixed_smollm2")["results"]
+    gptq = bench.load_results("gptq_smollm2")["results"]
+    w3, w4 = mixed["mixed 3.297 bpw (= W3 g64)"], mixed["mixed 4.312 bpw (= W4 g64)"]
+    assert w3["bits_per_weight"] <= W3_G64 and w4["bits_per_weight"] <= W4_G64  # never over the budget
+    assert w3["ppl"] < gptq["GPTQ W3 g64 asym"]["ppl"]  # beats uniform at equal bytes
+    assert w4["ppl"] <= gptq["GPTQ W4 g64 asym"]["ppl"]
+    assert len(w3["plan"]) == 210 and sum(w3["plan_counts"].values()) == 210
