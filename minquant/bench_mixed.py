@@ -284,6 +284,7 @@ def bench_claims(out: Path | None = None) -> Path:
         rows[0]["measured"] += (f"; fp8 e4m3 per-channel {pct(e['fp8 e4m3 per-channel']):+.2f}%, "
                                 f"int8 per-tensor {pct(e['int8 per-tensor sym']):+.2f}%")
         rows[0]["source"] += ", eightbit"
+        rows[0]["verdict"] = "holds for int8 per channel; per-tensor int8 and fp8 cost more on this model"
     best4 = min(awq["AWQ W4 g64 asym"]["ppl"], gptq["GPTQ W4 g64 asym act-order static"]["ppl"])
     rows.append({"claim": "naive 4-bit weights cost 2-5% quality",
                  "measured": f"RTN W4 g64 {pct(rtn['W4 g64']):+.0f}%, W4 per-channel {pct(rtn['W4 per-channel']):+.0f}%; "

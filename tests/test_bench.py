@@ -155,7 +155,7 @@ def test_claims_come_from_the_results_files():
     rows = {r["claim"]: r for r in record["results"]["rows"]}
     rtn = {r["label"]: r["ppl"] for r in bench.load_results("rtn_smollm2")["results"]["smollm2"]}
     eight = rows["naive 8-bit weights cost < 1% quality"]
-    assert f"{rtn['W8 per-channel']:.2f} vs fp32 {rtn['fp32']:.2f}" in eight["measured"] and eight["verdict"] == "holds"
+    assert f"{rtn['W8 per-channel']:.2f} vs fp32 {rtn['fp32']:.2f}" in eight["measured"] and eight["verdict"].startswith("holds")
     assert f"RTN W4 g64 {100 * (rtn['W4 g64'] / rtn['fp32'] - 1):+.0f}%" in rows["naive 4-bit weights cost 2-5% quality"]["measured"]
     assert len(rows) == 4
 
