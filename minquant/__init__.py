@@ -20,4 +20,4 @@ Modules follow the course (see notebooks/ and DESIGN in the README):
 """
 __version__ = "0.1.0"
 
-from minquant.api import quantize  # noqa: E402  (the front door: minquant.quantize(model, ...))
+from minquant.api import quantize  # noqa: E402, F401  (the front door: minquant.quantize(model, ...))

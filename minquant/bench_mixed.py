@@ -55,8 +55,13 @@ def bench_mixed(only: list[str] | None = None, redo: bool = False, out: Path | N
     return run_sweep(NAME, PROTOCOL, entries(), only=only, redo=redo, out=out or RESULTS_DIR / f"{NAME}.json")
 
 
-def bench_sensitivity(bits: int = 3, group_size: int = 64, eval_windows: int = 2, out: Path | None = None) -> Path:
-    """Proxies vs measured per-layer NLL increase on SmolLM2; data/results/sensitivity_smollm2.json."""
+def bench_sensitivity(bits: int = 3, group_size: int = 64, eval_windows: int = 2, seqlen: int = 2048,
+                      names: list[str] | None = None, stats_samples: int = SENSITIVITY_SAMPLES,
+                      out: Path | None = None) -> Path:
+    """Proxies vs measured per-layer NLL increase on SmolLM2; data/results/sensitivity_smollm2.json.
+
+    `names` (default: every block linear) are measured; the proxies cover every layer.
+    """
     from minquant.data import calibration_windows, load_text
     from minquant.eval import eval_ids
     from minquant.models import load_model
@@ -65,26 +70,28 @@ def bench_sensitivity(bits: int = 3, group_size: int = 64, eval_windows: int = 2
 
     model, tok = load_model("smollm2-135m")
     cal, cfg = GPTQ_PROTOCOL["calibration"], QuantConfig(bits, group_size)
-    windows = calibration_windows(cal["source"], tok, n=cal["n_samples"], seqlen=cal["seqlen"], seed=cal["seed"])
+    windows = calibration_windows(cal["source"], tok, n=stats_samples, seqlen=cal["seqlen"], seed=cal["seed"])
     start = time.perf_counter()
-    stats = collect_layer_stats(model, windows[:SENSITIVITY_SAMPLES])
+    stats = collect_layer_stats(model, windows)
     stats_seconds = time.perf_counter() - start
     label = scheme_label(bits, group_size, False)
     proxies = {f"{proxy} ({method})": {n: row[label] for n, row in
                                        sensitivity_table(model, stats, {label: cfg}, proxy=proxy, method=method).items()}
                for proxy, method in [("fisher", "rtn"), ("output", "rtn"), ("fisher", "gptq")]}
-    ids = eval_ids(load_text("wikitext2", "validation"), tok)
-    seqlen = 2048
+    ids = eval_ids(load_text("wikitext2", "validation"), tok)[0]  # (T,)
+    if len(ids) < eval_windows * seqlen:
+        raise ValueError(f"WikiText-2 validation has {len(ids)} tokens, fewer than {eval_windows} x {seqlen}")
     eval_w = ids[: eval_windows * seqlen].reshape(eval_windows, seqlen)
     start = time.perf_counter()
-    base, measured = measured_sensitivity(model, eval_w, cfg)
+    base, measured = measured_sensitivity(model, eval_w, cfg, names)
     names = list(measured)
     results = {"base_nll": base, "measured_seconds": time.perf_counter() - start, "stats_seconds": stats_seconds,
                "measured": measured, "proxies": proxies,
                "spearman": {k: spearman([v[n] for n in names], [measured[n] for n in names]) for k, v in proxies.items()},
-               "sum_measured": sum(measured.values()), "sum_proxy": {k: sum(v.values()) for k, v in proxies.items()}}
+               "sum_measured": sum(measured.values()),
+               "sum_proxy": {k: sum(v[n] for n in names) for k, v in proxies.items()}}
     protocol = {"model": GPTQ_PROTOCOL["model"], "quantized": f"RTN {label}, one linear at a time",
-                "stats": f"first {SENSITIVITY_SAMPLES} of the calibration windows ({cal['seqlen']} tokens, C4, seed {cal['seed']})",
+                "stats": f"first {stats_samples} of the calibration windows ({cal['seqlen']} tokens, C4, seed {cal['seed']})",
                 "measured_on": f"WikiText-2 validation, first {eval_windows} windows of {seqlen}"}
     return save_results("sensitivity_smollm2", protocol, results, out or RESULTS_DIR / "sensitivity_smollm2.json")
 

@@ -134,8 +134,15 @@ class _Replay:
             self.outputs.append((out, _versions(out)))
         return out
 
+    def pause(self) -> None:
+        """The module computes again (its recorded outputs are kept for `resume`)."""
+        vars(self.module).pop("forward", None)
+
+    def resume(self) -> None:
+        self.module.forward = self
+
     def remove(self) -> None:
-        del self.module.forward
+        self.pause()
         self.outputs = []
 
 

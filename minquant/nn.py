@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from minquant import kernels
-from minquant.packing import check_packable, contiguous_g_idx, from_gptq, gptq_qparams, to_gptq
-from minquant.quant import QuantConfig, quantize
+from minquant.packing import check_packable, contiguous_g_idx, from_gptq, storable_rtn, to_gptq
+from minquant.quant import QuantConfig
 
 
 class QuantLinear(nn.Module):
@@ -32,8 +32,7 @@ class QuantLinear(nn.Module):
         """Quantize an nn.Linear's weight (min/max, round to nearest) into a QuantLinear."""
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, cfg, bias=linear.bias is not None).to(w.device)
-        scale, zero = gptq_qparams(w, cfg)
-        layer.load_packed(quantize(w, scale, zero, cfg), scale, zero)
+        layer.load_packed(*storable_rtn(w, cfg))
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
         return layer

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from minquant.quant import QuantConfig, _grouped, qparams_from_range
+from minquant.quant import QuantConfig, _grouped, qparams_from_range, quantize
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -146,6 +146,12 @@ def gptq_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch
     """
     wg = _grouped(w, cfg)
     return gptq_qparams_from_range(wg.amin(-1) * cfg.clip_ratio, wg.amax(-1) * cfg.clip_ratio, cfg)
+
+
+def storable_rtn(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest with `gptq_qparams`: (q, scale, zero) exactly as a GPTQ v1 checkpoint stores w."""
+    scale, zero = gptq_qparams(w, cfg)
+    return quantize(w, scale, zero, cfg), scale, zero
 
 
 def gptq_qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,11 +134,10 @@ def quantized_weight(W: torch.Tensor, cfg: QuantConfig | None, stats: LayerStats
     if cfg is None:
         return W
     if method == "rtn":
-        from minquant.packing import gptq_qparams
-        from minquant.quant import dequantize, quantize
+        from minquant.packing import storable_rtn
+        from minquant.quant import dequantize
 
-        scale, zero = gptq_qparams(W, cfg)  # the scale/zero QuantLinear stores
-        return dequantize(quantize(W, scale, zero, cfg), scale, zero, cfg, W.dtype)
+        return dequantize(*storable_rtn(W, cfg), cfg, W.dtype)  # what QuantLinear.from_linear stores
     if method == "gptq":
         from minquant.gptq import GPTQConfig, gptq_quantize
 
@@ -200,10 +199,7 @@ def measured_sensitivity(model: nn.Module, windows: torch.Tensor, cfg: QuantConf
         for name in tqdm(names, desc="layer alone", disable=not progress):
             first_live = int(name[len(prefix) + 1:].split(".")[0])  # the layer's block
             for j, r in enumerate(replays):  # blocks before it replay their float outputs, the rest compute
-                if j < first_live:
-                    r.module.forward = r
-                else:
-                    vars(r.module).pop("forward", None)
+                r.resume() if j < first_live else r.pause()
             linear = model.get_submodule(name)
             W = linear.weight.data
             linear.weight.data = quantized_weight(W, cfg, stats[name] if stats else None, method)
@@ -213,8 +209,7 @@ def measured_sensitivity(model: nn.Module, windows: torch.Tensor, cfg: QuantConf
                 linear.weight.data = W
     finally:
         for r in replays:
-            vars(r.module).pop("forward", None)
-            r.outputs = []
+            r.remove()
     return base, deltas
 
 

@@ -109,3 +109,27 @@ def test_spearman():
     assert spearman([5, 7, 7, 9], [0.1, 0.3, 0.2, 0.4]) == pytest.approx(float((ra @ rb) / (ra.norm() * rb.norm())))
     with pytest.raises(ValueError):
         spearman([1], [1])
+
+
+def test_sensitivity_bench_on_smollm2_matches_a_direct_measurement(smollm2, tmp_path):
+    """The bench's saved numbers, on a small scale, against quantizing the layer in a copy and scoring it directly."""
+    import json
+
+    from minquant.bench_mixed import bench_sensitivity
+    from minquant.data import load_text
+    from minquant.eval import eval_ids
+    from minquant.nn import QuantLinear
+
+    names = ["model.layers.29.mlp.down_proj", "model.layers.0.self_attn.k_proj"]
+    path = bench_sensitivity(eval_windows=1, seqlen=128, names=names, stats_samples=2, out=tmp_path / "s.json")
+    res = json.loads(path.read_text())["results"]
+    assert list(res["measured"]) == names and len(res["proxies"]["fisher (rtn)"]) == 210
+    model, tok = smollm2
+    ids = eval_ids(load_text("wikitext2", "validation"), tok)[:, :128]
+    with torch.no_grad():
+        base = float(model(input_ids=ids, labels=ids).loss)
+        assert abs(res["base_nll"] - base) < 1e-4
+        for name in names:
+            other = copy.deepcopy(model)  # the layer as a stored QuantLinear (packed ints, fp16 scales)
+            other.set_submodule(name, QuantLinear.from_linear(other.get_submodule(name), QuantConfig(3, 64)))
+            assert abs(res["measured"][name] - (float(other(input_ids=ids, labels=ids).loss) - base)) < 1e-4
