@@ -126,7 +126,7 @@ def mixed_table(record: dict, gptq: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def sensitivity_table_md(record: dict) -> str:
+def sensitivity_table_md(record: dict, top: int = 8) -> str:
     """Markdown: how well each proxy ranks the layers by their measured effect."""
     r, p = record["results"], record["protocol"]
     lines = [f"Per-layer sensitivity of SmolLM2-135M: each of its {len(r['measured'])} block linears quantized alone "
@@ -135,6 +135,13 @@ def sensitivity_table_md(record: dict) -> str:
              f"({r['stats_seconds']:.0f} s). Sum of the measured increases: {r['sum_measured']:.4f} nats.", "",
              "| proxy | Spearman rank correlation with the measured increase | sum over layers |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.3f} | {r['sum_proxy'][k]:.4g} |" for k, v in r["spearman"].items()]
+    names = sorted(r["measured"], key=r["measured"].get, reverse=True)
+    rank = {k: {n: i + 1 for i, n in enumerate(sorted(names, key=lambda n: -v[n]))} for k, v in r["proxies"].items()}
+    lines += ["", f"The {min(top, len(names))} layers that cost the most, measured, and where each proxy ranks them "
+              f"(1 = most sensitive of {len(names)}):", "",
+              "| layer | measured (nats) | " + " | ".join(f"rank by {k}" for k in rank) + " |",
+              "|---|---:|" + "---:|" * len(rank)]
+    lines += [f"| {n} | {r['measured'][n]:.4f} | " + " | ".join(str(rank[k][n]) for k in rank) + " |" for n in names[:top]]
     return "\n".join(lines)
 
 

@@ -170,3 +170,16 @@ def test_mixed_results_meet_the_targets():
     assert w3["ppl"] < gptq["GPTQ W3 g64 asym"]["ppl"]  # beats uniform at equal bytes
     assert w4["ppl"] <= gptq["GPTQ W4 g64 asym"]["ppl"]
     assert len(w3["plan"]) == 210 and sum(w3["plan_counts"].values()) == 210
+
+
+def test_sensitivity_table_ranks_layers():
+    from minquant.bench_mixed import sensitivity_table_md
+
+    measured = {"a": 0.3, "b": 0.1, "c": 0.2}
+    record = {"protocol": {"quantized": "RTN W3 g64 asym", "measured_on": "x", "stats": "y"},
+              "results": {"base_nll": 3.0, "measured_seconds": 60.0, "stats_seconds": 5.0, "measured": measured,
+                          "proxies": {"p": {"a": 1.0, "b": 3.0, "c": 2.0}}, "spearman": {"p": -0.5},
+                          "sum_measured": 0.6, "sum_proxy": {"p": 6.0}}}
+    text = sensitivity_table_md(record, top=2)
+    assert "| p | -0.500 | 6 |" in text
+    assert "| a | 0.3000 | 3 |" in text and "| c | 0.2000 | 2 |" in text and "| b |" not in text
