@@ -66,7 +66,8 @@ def bench_sensitivity(bits: int = 3, group_size: int = 64, eval_windows: int = 2
     from minquant.eval import eval_ids
     from minquant.models import load_model
     from minquant.quant import QuantConfig
-    from minquant.sensitivity import collect_layer_stats, measured_sensitivity, sensitivity_table, spearman
+    from minquant.sensitivity import (collect_layer_stats, first_order_term, measured_sensitivity, sensitivity_table,
+                                      spearman)
 
     model, tok = load_model("smollm2-135m")
     cal, cfg = GPTQ_PROTOCOL["calibration"], QuantConfig(bits, group_size)
@@ -79,14 +80,27 @@ def bench_sensitivity(bits: int = 3, group_size: int = 64, eval_windows: int = 2
                                        sensitivity_table(model, stats, {label: cfg}, proxy=proxy, method=method).items()}
                for proxy, method in [("fisher", "rtn"), ("output", "rtn"), ("fisher", "gptq")]}
     ids = eval_ids(load_text("wikitext2", "validation"), tok)[0]  # (T,)
-    if len(ids) < eval_windows * seqlen:
-        raise ValueError(f"WikiText-2 validation has {len(ids)} tokens, fewer than {eval_windows} x {seqlen}")
+    if len(ids) < 2 * eval_windows * seqlen:
+        raise ValueError(f"WikiText-2 validation has {len(ids)} tokens, fewer than 2 x {eval_windows} x {seqlen}")
     eval_w = ids[: eval_windows * seqlen].reshape(eval_windows, seqlen)
     start = time.perf_counter()
     base, measured = measured_sensitivity(model, eval_w, cfg, names)
+    measured_seconds = time.perf_counter() - start
     names = list(measured)
-    results = {"base_nll": base, "measured_seconds": time.perf_counter() - start, "stats_seconds": stats_seconds,
+    # The part of each measured change that is linear in dW (g . dW), which the proxies leave out: on the
+    # measured windows, on the next validation windows (same kind of text) and on the C4 stats windows.
+    next_w = ids[eval_windows * seqlen: 2 * eval_windows * seqlen]
+    first = {where: first_order_term(model, w, cfg, names) for where, w in
+             [("measured windows", eval_w), ("next validation windows", next_w.reshape(-1, seqlen)), ("C4", windows)]}
+    fo = first["measured windows"]
+    proxies |= {"first order (measured windows)": fo,
+                "fisher (rtn) + first order (measured windows)": {n: proxies["fisher (rtn)"][n] + fo[n] for n in names},
+                "fisher (rtn) + first order (next validation windows)":
+                    {n: proxies["fisher (rtn)"][n] + first["next validation windows"][n] for n in names}}
+    results = {"base_nll": base, "measured_seconds": measured_seconds, "stats_seconds": stats_seconds,
                "measured": measured, "proxies": proxies,
+               "first_order_agreement": {f"measured windows vs {k}": spearman([fo[n] for n in names], [v[n] for n in names])
+                                         for k, v in first.items() if k != "measured windows"},
                "spearman": {k: spearman([v[n] for n in names], [measured[n] for n in names]) for k, v in proxies.items()},
                "sum_measured": sum(measured.values()),
                "sum_proxy": {k: sum(v[n] for n in names) for k, v in proxies.items()}}
@@ -135,6 +149,10 @@ def sensitivity_table_md(record: dict, top: int = 8) -> str:
              f"({r['stats_seconds']:.0f} s). Sum of the measured increases: {r['sum_measured']:.4f} nats.", "",
              "| proxy | Spearman rank correlation with the measured increase | sum over layers |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.3f} | {r['sum_proxy'][k]:.4g} |" for k, v in r["spearman"].items()]
+    if "first_order_agreement" in r:
+        lines += ["", "First-order term g . dW (the loss gradient on a text, dotted with the rounding error), rank "
+                  "agreement between texts: " + "; ".join(f"{k}: {v:.3f}" for k, v in r["first_order_agreement"].items())
+                  + ". The proxies are second order: they leave this term out (about zero on average over data)."]
     names = sorted(r["measured"], key=r["measured"].get, reverse=True)
     rank = {k: {n: i + 1 for i, n in enumerate(sorted(names, key=lambda n: -v[n]))} for k, v in r["proxies"].items()}
     lines += ["", f"The {min(top, len(names))} layers that cost the most, measured, and where each proxy ranks them "

@@ -13,7 +13,9 @@ calibration data, both additive over layers (what a bit allocator needs):
   i.e. the output error weighted per output channel by how strongly the loss reacts to it.
 
 `measured_sensitivity` gives the ground truth the proxies are judged by: the real change of the mean
-token NLL when that one linear alone is quantized, every other weight float.
+token NLL when that one linear alone is quantized, every other weight float. `first_order_term` is the
+part of that change that is linear in dW (g . dW, g the gradient of the loss on the measured text),
+which the second-order proxies leave out.
 """
 from __future__ import annotations
 
@@ -211,6 +213,42 @@ def measured_sensitivity(model: nn.Module, windows: torch.Tensor, cfg: QuantConf
         for r in replays:
             r.remove()
     return base, deltas
+
+
+def first_order_term(model: nn.Module, windows: torch.Tensor, cfg: QuantConfig, names: list[str] | None = None, *,
+                     batch_size: int = 1, progress: bool = True) -> dict[str, float]:
+    """g . dW per linear: the first-order (linear) term of the change of the mean token NLL on `windows` when
+    that linear is RTN-quantized at `cfg`; g = the gradient of that NLL with respect to the weight.
+
+    The proxies leave this term out: its expectation over data is about zero for a trained model and it has
+    either sign. On a given text (and on a text unlike the model's training data) it need not be small.
+    """
+    from minquant.calibrate import batched
+
+    names = names or layer_names(model)
+    weights = {n: model.get_submodule(n).weight for n in names}
+    grads = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    device = next(model.parameters()).device
+    total = windows.shape[0] * (windows.shape[1] - 1)  # positions with a next token to predict
+    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    try:
+        for ids in tqdm(batched(windows, batch_size), desc="first-order term", disable=not progress):
+            ids = ids.to(device)
+            with torch.enable_grad():
+                for w in weights.values():
+                    w.requires_grad_(True)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss * (ids.shape[0] * (ids.shape[1] - 1))
+                for n, g in zip(names, torch.autograd.grad(loss / total, list(weights.values()))):
+                    grads[n] += g.float()
+                for w in weights.values():
+                    w.requires_grad_(False)
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {n: float((grads[n] * (quantized_weight(w.detach().float(), cfg) - w.detach().float())).sum())
+            for n, w in weights.items()}
 
 
 def spearman(a: list[float], b: list[float]) -> float:

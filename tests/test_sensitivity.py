@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from minquant.quant import QuantConfig
-from minquant.sensitivity import (LayerStats, collect_layer_stats, layer_names, measured_sensitivity, proxy_loss,
-                                  quantized_weight, sensitivity_table, spearman)
+from minquant.sensitivity import (LayerStats, collect_layer_stats, first_order_term, layer_names, measured_sensitivity,
+                                  proxy_loss, quantized_weight, sensitivity_table, spearman)
 
 
 def windows(n=4, seqlen=16, vocab=64, seed=0):
@@ -100,6 +100,35 @@ def test_measured_sensitivity_equals_full_forwards(tiny_llama):
     assert all("forward" not in vars(m) for m in tiny_llama.modules())
 
 
+def test_first_order_term_is_the_directional_derivative(tiny_llama):
+    """g . dW against plain autograd of the mean NLL in float64, and against a finite difference along dW."""
+    ids, cfg = windows(n=3), QuantConfig(2, 32)
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    before = copy.deepcopy(tiny_llama.state_dict())
+    fo = first_order_term(tiny_llama, ids, cfg, names, batch_size=2, progress=False)
+    assert all(p.requires_grad for p in tiny_llama.parameters())  # the flags are restored
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items())
+    ref = copy.deepcopy(tiny_llama).double()
+
+    def mean_nll():  # every window has the same length: the mean of the windows' means
+        return sum(ref(input_ids=r[None], labels=r[None]).loss for r in ids) / len(ids)
+
+    for name in names:
+        lin = ref.get_submodule(name)
+        W = lin.weight.data.clone()
+        dW = (quantized_weight(W.float(), cfg) - W.float()).double()
+        (g,) = torch.autograd.grad(mean_nll(), lin.weight)
+        assert fo[name] == pytest.approx(float((g * dW).sum()), rel=1e-5)
+        with torch.no_grad():  # the loss is computed partly in float32 (norms, loss): a coarse step, a loose check
+            lin.weight.data = W + 1e-2 * dW
+            up = float(mean_nll())
+            lin.weight.data = W - 1e-2 * dW
+            down = float(mean_nll())
+        lin.weight.data = W
+        assert fo[name] == pytest.approx((up - down) / 2e-2, rel=3e-2)
+        assert abs(fo[name]) > 1e-5
+
+
 def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
@@ -124,6 +153,11 @@ def test_sensitivity_bench_on_smollm2_matches_a_direct_measurement(smollm2, tmp_
     path = bench_sensitivity(eval_windows=1, seqlen=128, names=names, stats_samples=2, out=tmp_path / "s.json")
     res = json.loads(path.read_text())["results"]
     assert list(res["measured"]) == names and len(res["proxies"]["fisher (rtn)"]) == 210
+    fo = res["proxies"]["first order (measured windows)"]
+    assert set(fo) == set(names) and set(res["first_order_agreement"]) == {
+        "measured windows vs next validation windows", "measured windows vs C4"}
+    assert res["proxies"]["fisher (rtn) + first order (measured windows)"][names[0]] == pytest.approx(
+        res["proxies"]["fisher (rtn)"][names[0]] + fo[names[0]])
     model, tok = smollm2
     ids = eval_ids(load_text("wikitext2", "validation"), tok)[:, :128]
     with torch.no_grad():
