@@ -271,7 +271,7 @@ def bench_eightbit(max_windows: int = 16, out: Path | None = None) -> Path:
         _restore(encoder, originals)
     protocol = {"smollm2": {"eval": f"WikiText-2 test, first {max_windows} windows of 2048", "quantized": "every nn.Linear except lm_head"},
                 "minilm": {"sentences": len(sentences), "quantized": "every nn.Linear except the pooler"},
-                "formats": "weight-only, round to nearest; scales fp32 (fp8) or fp16 (int8, as GPTQ stores them)"}
+                "formats": "weight-only, round to nearest; scales fp32 (one per output row, or one per tensor)"}
     return save_results("eightbit", protocol, results, out or RESULTS_DIR / "eightbit.json")
 
 
