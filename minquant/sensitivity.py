@@ -20,6 +20,7 @@ which the second-order proxies leave out.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,19 @@ from tqdm.auto import tqdm
 from minquant.quant import QuantConfig
 
 PROXIES = ("fisher", "output")
+
+
+@contextmanager
+def _eval_frozen(model: nn.Module):
+    """Inside: eval mode and no parameter requiring a gradient. Both are restored on the way out."""
+    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 class LayerStats(NamedTuple):
@@ -93,22 +107,18 @@ def collect_layer_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: 
                 handles.append(block.get_submodule(name).register_forward_hook(on_output(f"{prefix}.{i}.{name}")))
     # gradients flow from the embeddings' output on: weights stay requires_grad=False
     handles.append(model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
-    was_training, grads = model.training, [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)
     try:
-        for ids in tqdm(batched(windows, batch_size), desc="layer statistics", disable=not progress):
-            ids = ids.to(device)
-            with torch.enable_grad():
-                out = model(input_ids=ids, labels=ids, use_cache=False)
-                tokens = ids.shape[0] * (ids.shape[1] - 1)  # positions with a next token to predict
-                (out.loss * tokens).backward()  # the summed NLL: per-token gradients, not averaged
-            n_tokens += ids.numel()
+        with _eval_frozen(model):
+            for ids in tqdm(batched(windows, batch_size), desc="layer statistics", disable=not progress):
+                ids = ids.to(device)
+                with torch.enable_grad():
+                    out = model(input_ids=ids, labels=ids, use_cache=False)
+                    tokens = ids.shape[0] * (ids.shape[1] - 1)  # positions with a next token to predict
+                    (out.loss * tokens).backward()  # the summed NLL: per-token gradients, not averaged
+                n_tokens += ids.numel()
     finally:
         for h in handles:
             h.remove()
-        for p, g in zip(model.parameters(), grads):
-            p.requires_grad_(g)
-        model.train(was_training)
     stats = {}
     for i in range(len(blocks)):
         for group in arch.groups:
@@ -230,23 +240,15 @@ def first_order_term(model: nn.Module, windows: torch.Tensor, cfg: QuantConfig, 
     grads = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
     device = next(model.parameters()).device
     total = windows.shape[0] * (windows.shape[1] - 1)  # positions with a next token to predict
-    was_training, flags = model.training, [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)
-    try:
+    with _eval_frozen(model):
+        for w in weights.values():  # only these weights get gradients
+            w.requires_grad_(True)
         for ids in tqdm(batched(windows, batch_size), desc="first-order term", disable=not progress):
             ids = ids.to(device)
             with torch.enable_grad():
-                for w in weights.values():
-                    w.requires_grad_(True)
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss * (ids.shape[0] * (ids.shape[1] - 1))
                 for n, g in zip(names, torch.autograd.grad(loss / total, list(weights.values()))):
                     grads[n] += g.float()
-                for w in weights.values():
-                    w.requires_grad_(False)
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
     return {n: float((grads[n] * (quantized_weight(w.detach().float(), cfg) - w.detach().float())).sum())
             for n, w in weights.items()}
 
