@@ -66,8 +66,25 @@ class QuantLinear(nn.Module):
         g = g_idx.long()
         return ((q.float() - zero[:, g]) * scale[:, g]).to(dtype)
 
+    def contiguous_group_size(self) -> int | None:
+        """cfg.group_size when g_idx is the plain k // group_size (no act-order), else None.
+
+        The fused kernel uses it to skip g_idx. Checked once per g_idx content: the key is the
+        tensor's storage and its in-place version counter, so loading or editing g_idx re-checks
+        (tensors made under torch.inference_mode keep no counter: there only a new g_idx re-checks)."""
+        try:
+            version = self.g_idx._version
+        except RuntimeError:
+            version = None
+        key = (self.g_idx.data_ptr(), version, self.g_idx.device)
+        if getattr(self, "_contiguous_key", None) != key:
+            self._contiguous_key, self._contiguous = key, not self.act_order
+        return self.cfg.group_size if self._contiguous else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.cfg.bits, self.bias)
+        group_size = self.contiguous_group_size() if x.is_cuda else None  # the reference path ignores it
+        return kernels.dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.cfg.bits, self.bias,
+                                      group_size=group_size)
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.cfg.group_size == -1 else f"group_size={self.cfg.group_size}"

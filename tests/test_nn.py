@@ -80,3 +80,15 @@ def test_unpackable_layer_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj: qzeros packs 32 values .* N \(out_features\) = 16"):
         quantize_model(model, QuantConfig(3, 32))
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_contiguous_group_size_follows_g_idx():
+    """What QuantLinear tells the fused kernel: its group size while g_idx is k // group_size, else None."""
+    layer = QuantLinear.from_linear(nn.Linear(256, 64), QuantConfig(4, 64))
+    assert layer.contiguous_group_size() == 64 and not layer.act_order
+    layer.g_idx.copy_(torch.randperm(256) % 4)  # act-order, edited in place: the version counter moves
+    assert layer.contiguous_group_size() is None and layer.act_order
+    layer.g_idx.copy_(torch.arange(256) // 64)
+    assert layer.contiguous_group_size() == 64
+    per_channel = QuantLinear.from_linear(nn.Linear(256, 64), QuantConfig(4, -1))
+    assert per_channel.contiguous_group_size() == -1

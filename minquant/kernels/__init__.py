@@ -24,8 +24,11 @@ def choose_backend(x: torch.Tensor, bits: int) -> str:
 
 def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                    g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None,
-                   backend: str | None = None) -> torch.Tensor:
-    """x (..., K) @ dequant(W)^T (+ bias) -> (..., N), W in the GPTQ layout (see minquant.packing)."""
+                   backend: str | None = None, group_size: int | None = None) -> torch.Tensor:
+    """x (..., K) @ dequant(W)^T (+ bias) -> (..., N), W in the GPTQ layout (see minquant.packing).
+
+    group_size (-1: per-channel) promises that g_idx is the contiguous k // group_size (no act-order);
+    the fused kernel then skips g_idx. Leave it None when unsure: g_idx is always honoured."""
     backend = backend or choose_backend(x, bits)
     if backend == "torch":
         return reference.dequant_matmul(x, qweight, qzeros, scales, g_idx, bits, bias)
@@ -34,5 +37,5 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
             raise ValueError(f"the Triton kernel handles 4-bit weights, not {bits}-bit; use backend='torch'")
         from minquant.kernels.triton_w4a16 import w4a16_matmul  # GPU-only code stays out of CPU imports
 
-        return w4a16_matmul(x, qweight, qzeros, scales, g_idx, bias)
+        return w4a16_matmul(x, qweight, qzeros, scales, g_idx, bias, group_size=group_size)
     raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")

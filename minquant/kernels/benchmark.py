@@ -2,14 +2,17 @@
 
 One script, nothing to install (the GPU machine has torch and Triton): it checks correctness at
 full size, sweeps batch sizes and layer shapes, measures the card's copy bandwidth, times decoding
-of a Llama-2-7B-shaped model, and writes data/results/kernels_<gpu>.json. Timings are medians of
-`triton.testing.do_bench`, with the weights rotated through enough copies to overflow the L2 cache.
+of a Llama-2-7B-shaped model, and writes data/results/kernels_<gpu>.json (after every layer shape,
+so a run cut short still leaves its numbers). Timings are medians of `triton.testing.do_bench`
+(which flushes the L2 cache before each call), with the weights also rotated through enough
+copies to overflow any L2 cache.
 """
 from __future__ import annotations
 
 import math
 import re
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,8 +20,11 @@ from minquant.nn import QuantLinear
 from minquant.quant import QuantConfig
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 512)
-SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192))  # (K, N)
+# (K, N); the targets' shape first, so a run cut short still has it (and the decode test, run after it)
+SHAPES = ((8192, 8192), (4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (28672, 8192))
+G_IDX_BATCHES = (1, 16, 128)  # where the act-order (g_idx) path is timed too
 ROTATE_BYTES = 512 * 2**20  # more than any L2 cache: each call reads its weights from HBM
+TARGETS = "batch 1, 8192x8192, g128: >= 3.5x fp16, >= 1.5x torch int4, >= 80% of copy bandwidth; batch 16: >= 3x fp16"
 
 
 def copy_bandwidth_gbs(do_bench) -> float:
@@ -41,7 +47,10 @@ def rotating(make, bytes_each: int):
 
 
 def int4_torch(w: torch.Tensor, group_size: int):
-    """torch's own int4 kernel (tinygemm) for w (N, K) fp16, or None with the reason when unavailable."""
+    """torch's own int4 kernel (tinygemm) for w (N, K) fp16: (fn of bf16 x, error), or (None, reason) when unavailable.
+
+    The second item is then its max error relative to the int4 weights it was given, so a packing mistake
+    (nibble order changes between torch versions) shows in the record instead of passing silently."""
     try:
         N, K = w.shape
         wg = w.float().reshape(N, K // group_size, group_size)
@@ -52,70 +61,159 @@ def int4_torch(w: torch.Tensor, group_size: int):
         # tinygemm: w = (q - 8) * scale + zero, scale and zero (K/g, N, 2) in bf16
         zero = lo + 8 * scale
         sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-        return lambda x: torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), packed, group_size, sz), None
+        fn = lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group_size, sz)  # noqa: E731  (bf16 only)
+        w_q = (q.reshape(N, K // group_size, group_size) * scale.unsqueeze(-1) + lo.unsqueeze(-1)).reshape(N, K)
+        eye = torch.eye(K, device=w.device, dtype=torch.bfloat16)[:256]       # 256 unit inputs
+        w_seen = fn(eye).float()                                              # (256, N) = W_q[:, :256]^T
+        rel = float((w_seen - w_q[:, :256].t()).abs().max() / w_q.abs().max())  # bf16 scales: ~1e-2
+        return fn, rel
     except Exception as e:  # the op's signature changes between torch versions
         return None, f"{type(e).__name__}: {e}"
 
 
-def bench_kernels(batches=BATCHES, shapes=SHAPES, group_size: int = 128, out=None):
+def random_layer(K: int, N: int, group_size: int) -> QuantLinear:
+    """A 4-bit QuantLinear of a random fp16 linear, on the GPU."""
+    linear = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.float16).requires_grad_(False)
+    return QuantLinear.from_linear(linear, QuantConfig(4, group_size))
+
+
+def full_size_checks(group_size: int) -> list[dict]:
+    """The fused kernel against float64 at full size: both paths, fp16 and bf16, act-order too."""
+    from minquant.kernels import dequant_matmul
+
+    checks = []
+    for K, N in ((4096, 11008), (8192, 8192)):
+        layer = random_layer(K, N, group_size)
+        w64 = layer.dequantize_weight(torch.float64)
+        for M in (1, 16, 33, 512):
+            for dtype in (torch.float16, torch.bfloat16):
+                for hint in (group_size, None):  # grouped fast path, and the g_idx path act-order takes
+                    x = torch.randn(M, K, device="cuda", dtype=dtype)
+                    y = dequant_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, backend="triton",
+                                       group_size=hint)
+                    ref = x.double() @ w64.t()
+                    err = float((y.double() - ref).abs().max() / ref.abs().max())
+                    checks.append({"K": K, "N": N, "M": M, "dtype": str(dtype).split(".")[1],
+                                   "path": "grouped" if hint else "g_idx", "max_rel_error": err, "ok": err < 1e-2})
+    return checks
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name()
+
+
+def bench_kernels(batches=BATCHES, shapes=SHAPES, group_size: int = 128, out: Path | None = None,
+                  decode: bool = True) -> Path:
     """Run the sweep on the current CUDA device and save data/results/kernels_<gpu>.json."""
     if not torch.cuda.is_available():
         raise RuntimeError("`minquant bench kernels` needs a CUDA GPU; on CPU the kernel runs in the Triton "
                            "interpreter, which tests correctness, not speed")
+    import triton
     from triton.testing import do_bench
 
-    from minquant.bench import save_results
+    from minquant.bench import RESULTS_DIR, save_results
     from minquant.kernels import dequant_matmul
+    from minquant.kernels.triton_w4a16 import tuned_config
 
     torch.manual_seed(0)
-    copy_gbs = copy_bandwidth_gbs(do_bench)
-    rows, checks, int4_note = [], [], None
-    for K, N in shapes:
+    name = "kernels_" + re.sub(r"[^a-z0-9]+", "_", gpu_name().lower()).strip("_")
+    out = out or RESULTS_DIR / f"{name}.json"
+    protocol = {"group_size": group_size, "dtype": "fp16 activations (torch int4: bf16, its only dtype)",
+                "timing": "triton.testing.do_bench median (L2 flushed before each call), weights rotated",
+                "rotation_bytes": ROTATE_BYTES, "targets": TARGETS, "triton": triton.__version__,
+                "cuda": torch.version.cuda}
+    protocol["copy_bandwidth_gbs"] = copy_bw = copy_bandwidth_gbs(do_bench)
+    print(f"{gpu_name()}: device-to-device copy {copy_bw:.0f} GB/s (read + write)", flush=True)
+    checks = full_size_checks(group_size)
+    bad = [c for c in checks if not c["ok"]]
+    print(f"full-size checks: {len(checks) - len(bad)} of {len(checks)} within 1e-2 relative"
+          + (f"; failing: {bad}" if bad else ""), flush=True)
+    rows, int4_notes, decoded = [], {}, {}
+    for i, (K, N) in enumerate(shapes):
         w = torch.randn(N, K, device="cuda", dtype=torch.float16) * 0.02
-        layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.float16)
-                                        .requires_grad_(False), QuantConfig(4, group_size))
-        x = torch.randn(16, K, device="cuda", dtype=torch.float16)
-        ref = x.double() @ layer.dequantize_weight(torch.float64).t()
-        fused = dequant_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, backend="triton")
-        checks.append({"K": K, "N": N, "max_abs_error": float((fused.double() - ref).abs().max()),
-                       "max_abs_ref": float(ref.abs().max())})
         fp16_w = rotating(lambda: w.clone(), w.numel() * 2)
-        q_bytes = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
-        q_layers = rotating(lambda: QuantLinear.from_linear(
-            torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.float16).requires_grad_(False),
-            QuantConfig(4, group_size)), q_bytes)
-        int4_fn, int4_note = int4_torch(w, group_size)
+        probe = random_layer(K, N, group_size)
+        q_bytes = sum(t.numel() * t.element_size() for t in probe.state_dict().values())
+        q_layers = rotating(lambda: random_layer(K, N, group_size), q_bytes)
+        int4_fn, int4_notes[f"{K}x{N}"] = int4_torch(w, group_size)
         for M in batches:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
 
-            def fused_call():
+            def call(backend, hint=group_size):
                 ql = q_layers()
-                return dequant_matmul(x, ql.qweight, ql.qzeros, ql.scales, ql.g_idx, 4, backend="triton")
-
-            def reference_call():
-                ql = q_layers()
-                return dequant_matmul(x, ql.qweight, ql.qzeros, ql.scales, ql.g_idx, 4, backend="torch")
-            t = {"fp16_matmul": do_bench(lambda: x @ fp16_w().t()), "minquant_w4a16": do_bench(fused_call),
-                 "reference": do_bench(reference_call)}
+                return dequant_matmul(x, ql.qweight, ql.qzeros, ql.scales, ql.g_idx, 4, backend=backend, group_size=hint)
+            t = {"fp16_matmul": do_bench(lambda: x @ fp16_w().t()),
+                 "minquant_w4a16": do_bench(lambda: call("triton")),
+                 "reference": do_bench(lambda: call("torch"))}
+            if M in G_IDX_BATCHES:  # act-order's path: scales gathered per input row through g_idx
+                t["minquant_w4a16_g_idx"] = do_bench(lambda: call("triton", None))
             if int4_fn is not None:
-                t["torch_int4"] = do_bench(lambda: int4_fn(x))
+                x_bf16 = x.to(torch.bfloat16)  # cast outside the timing: tinygemm takes bf16 only
+                t["torch_int4"] = do_bench(lambda: int4_fn(x_bf16))
             flops, moved = 2 * M * N * K, q_bytes + 2 * M * (K + N)
-            row = {"M": M, "K": K, "N": N, "ms": t,
+            row = {"M": M, "K": K, "N": N, "ms": t, "config": str(tuned_config(M, K, group_size)),
                    "minquant_tflops": flops / (t["minquant_w4a16"] * 1e-3) / 1e12,
                    "minquant_gbs": moved / (t["minquant_w4a16"] * 1e-3) / 1e9,
+                   "fp16_gbs": (2 * N * K + 2 * M * (K + N)) / (t["fp16_matmul"] * 1e-3) / 1e9,
                    "speedup_vs_fp16": t["fp16_matmul"] / t["minquant_w4a16"]}
-            row["percent_of_copy_bandwidth"] = 100 * row["minquant_gbs"] / copy_gbs
+            row["percent_of_copy_bandwidth"] = 100 * row["minquant_gbs"] / copy_bw
             if "torch_int4" in t:
                 row["speedup_vs_torch_int4"] = t["torch_int4"] / t["minquant_w4a16"]
             rows.append(row)
+            int4 = f"  int4 {t['torch_int4']:.4f} ms ({row['speedup_vs_torch_int4']:.2f}x)" if "torch_int4" in t else ""
             print(f"K={K:5} N={N:5} M={M:3}  fp16 {t['fp16_matmul']:.4f} ms  minquant {t['minquant_w4a16']:.4f} ms "
-                  f"({row['speedup_vs_fp16']:.2f}x, {row['percent_of_copy_bandwidth']:.0f}% of copy BW)", flush=True)
-    decode = decode_tokens_per_s(group_size)
-    gpu = torch.cuda.get_device_name()
-    name = "kernels_" + re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_")
-    protocol = {"group_size": group_size, "dtype": "fp16 activations", "timing": "triton.testing.do_bench median",
-                "rotation_bytes": ROTATE_BYTES, "copy_bandwidth_gbs": copy_gbs, "torch_int4": int4_note or "available"}
-    return save_results(name, protocol, {"checks": checks, "sweep": rows, "decode": decode}, out)
+                  f"({row['speedup_vs_fp16']:.2f}x, {row['percent_of_copy_bandwidth']:.0f}% of copy BW){int4}"
+                  f"  reference {t['reference']:.4f}", flush=True)
+        fp16_w = q_layers = None  # free the rotated copies before the next shape
+        protocol["torch_int4"] = int4_notes
+        if i == 0:
+            print(f"targets: {targets_reached(rows)}", flush=True)
+        if i == 0 and decode:
+            try:
+                decoded = decode_tokens_per_s(group_size)
+            except Exception as e:  # record why, keep the sweep
+                decoded = {"error": f"{type(e).__name__}: {e}"}
+            print(f"decode: {decoded}", flush=True)
+        save_results(name, protocol, {"checks": checks, "sweep": rows, "complete": False,
+                                      "targets": targets_reached(rows), "decode": decoded}, out)
+    results = {"checks": checks, "sweep": rows, "complete": True, "targets": targets_reached(rows), "decode": decoded}
+    return save_results(name, protocol, results, out)
+
+
+def targets_reached(rows: list[dict]) -> dict:
+    """The issue's targets, read off the sweep: batch 1 and 16 at 8192 x 8192."""
+    at = {r["M"]: r for r in rows if (r["K"], r["N"]) == (8192, 8192)}
+    if 1 not in at or 16 not in at:
+        return {}
+    one, sixteen = at[1], at[16]
+    out = {"batch1_speedup_vs_fp16": one["speedup_vs_fp16"], "batch1_target_3.5x": one["speedup_vs_fp16"] >= 3.5,
+           "batch1_percent_of_copy_bandwidth": one["percent_of_copy_bandwidth"],
+           "batch1_target_80_percent": one["percent_of_copy_bandwidth"] >= 80,
+           "batch16_speedup_vs_fp16": sixteen["speedup_vs_fp16"], "batch16_target_3x": sixteen["speedup_vs_fp16"] >= 3}
+    if "speedup_vs_torch_int4" in one:
+        out["batch1_speedup_vs_torch_int4"] = one["speedup_vs_torch_int4"]
+        out["batch1_target_1.5x_int4"] = one["speedup_vs_torch_int4"] >= 1.5
+    return out
+
+
+def graphed_step_ms(model, ids) -> float:
+    """GPU time of one decode-sized forward (1 token, no cache), replayed from a CUDA graph.
+
+    Without Python in the loop this is the time to read every weight once: what decoding costs
+    per token when the framework's overhead is gone (as in vLLM or with torch.compile)."""
+    from triton.testing import do_bench
+
+    token = ids[:, :1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream (autotuning happens here)
+        for _ in range(3):
+            model(token, use_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(token, use_cache=False)
+    return do_bench(graph.replay)
 
 
 @torch.inference_mode()
@@ -139,8 +237,18 @@ def decode_tokens_per_s(group_size: int = 128, new_tokens: int = 64) -> dict:
         torch.cuda.synchronize()
         return new_tokens / (time.perf_counter() - start)
 
-    result = {"model": "Llama-2-7B shape, random init", "fp16_tokens_per_s": speed()}
+    def graphed():
+        try:
+            return 1e3 / graphed_step_ms(model, ids)
+        except Exception as e:  # capture can fail on some transformers versions; the eager number stands
+            return f"{type(e).__name__}: {e}"
+
+    result = {"model": "Llama-2-7B shape, random init", "new_tokens": new_tokens,
+              "fp16_tokens_per_s": speed(), "fp16_graphed_tokens_per_s": graphed()}
     quantize_model(model, QuantConfig(4, group_size))
     result["minquant_w4_tokens_per_s"] = speed()
+    result["minquant_w4_graphed_tokens_per_s"] = graphed()
     result["speedup"] = result["minquant_w4_tokens_per_s"] / result["fp16_tokens_per_s"]
+    if all(isinstance(result[k], float) for k in ("fp16_graphed_tokens_per_s", "minquant_w4_graphed_tokens_per_s")):
+        result["graphed_speedup"] = result["minquant_w4_graphed_tokens_per_s"] / result["fp16_graphed_tokens_per_s"]
     return result

@@ -1,25 +1,32 @@
 """A fused W4A16 dequantize-and-multiply kernel in Triton: y = x @ dequant(qweight)^T.
 
-Derived in notebooks/06_dequant_matmul_kernels.ipynb (coming). What you will learn here:
-    * how a kernel reads GPTQ's packed int32 words and unpacks 4-bit weights in registers,
+Derived in notebooks/06_dequant_matmul_kernels.ipynb. What you will learn here:
+    * how a kernel reads GPTQ's packed int32 words once and unpacks 8 weights from each in registers,
     * why it never writes the float weights to memory (the point of weight-only quantization:
       decoding is memory-bound, so bytes read are time),
-    * how scales and zero-points are gathered per input row through g_idx (so act-order works too).
+    * why the scale and zero-point are applied to the *product*, per output column, not to every weight
+      (fewer instructions per weight: at batch 1 the unpacking competes with the memory for time),
+    * split-K: at batch 1 there are too few output tiles to keep every SM streaming, so several
+      programs share one tile's K range and add their partial sums atomically,
+    * how act-order (a permuted g_idx) still works: scales and zeros gathered per input row.
 
-The blocked algorithm, for one (BLOCK_M x BLOCK_N) tile of the output:
+The blocked algorithm, for one (BLOCK_M x BLOCK_N) tile of the output and one of SPLIT_K slices of K:
 
-    acc = zeros(BLOCK_M, BLOCK_N)                          # fp32 accumulator
-    for k0 in range(0, K, BLOCK_K):
-        x  = X[m-tile, k0:k0+BLOCK_K]                      # activations, fp16/bf16/fp32
-        qw = qweight[(k0:k0+BLOCK_K) // 8, n-tile]         # each int32 holds 8 inputs of one column
-        q  = (qw >> 4 * (k % 8)) & 0xF                     # the 4-bit integers, (BLOCK_K, BLOCK_N)
-        g  = g_idx[k0:k0+BLOCK_K]                          # the group of each input row
-        s  = scales[g, n-tile];  z = unpack(qzeros[g, n-tile // 8]) + 1
-        acc += x @ ((q - z) * s)                           # tl.dot on the tensor cores
-    Y[m-tile, n-tile] = acc
+    acc = zeros(BLOCK_M, BLOCK_N)                             # fp32 accumulator
+    for k0 in this slice's K-steps (every SPLIT_K-th block of BLOCK_K inputs):
+        x  = X[m-tile, k0:k0+BLOCK_K]                         # activations, fp16/bf16/fp32
+        qw = qweight[k0/8 : (k0+BLOCK_K)/8, n-tile]           # each int32 holds 8 inputs of one column
+        q  = (qw >> 4*j) & 0xF for j = 0..7, interleaved      # the 4-bit integers, (BLOCK_K, BLOCK_N)
+        if the groups are contiguous runs (no act-order) and BLOCK_K divides the group size:
+            s, z = scales[k0 // group, n-tile], zeros[k0 // group, n-tile]   # one row: the step's group
+            acc += (x @ q - rowsum(x) * z) * s                # = x @ ((q - z) * s), per column
+        else:                                                 # act-order: any input, any group
+            g = g_idx[k0:k0+BLOCK_K]
+            acc += x @ ((q - zeros[g, n-tile]) * scales[g, n-tile])
+    Y[m-tile, n-tile] (+)= acc                                # atomic add when SPLIT_K > 1
 
-The same kernel serves decoding (M = 1..16: BLOCK_M = 16, a tile streams its packed weights once)
-and prefill (larger M: bigger tiles reuse each unpacked weight for more rows).
+Two autotuned paths share the kernel: decoding (M <= 16: BLOCK_M = 16, split-K, each weight read
+once) and prefill (larger M: bigger tiles reuse each unpacked weight for more rows, tl.dot).
 Run on CPU with TRITON_INTERPRET=1 set before this module is imported (tests do).
 """
 from __future__ import annotations
@@ -29,63 +36,126 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "m_bucket"])  # one compiled kernel for every batch size, not M == 1 apart
 def w4a16_kernel(
     # pointers
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
-    # dimensions
-    M, N, K,
+    # dimensions; group_k: inputs per group when GROUPED (per-channel: K); m_bucket: the autotune key for M
+    M, N, K, group_k, m_bucket,
     # strides
     stride_xm, stride_xk, stride_qk, stride_qn, stride_zg, stride_zn, stride_sg, stride_sn, stride_om, stride_on,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUPED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_K // 8)                     # packed rows of one K-step
+    shifts = (tl.arange(0, 8) * 4)[None, :, None]           # the 8 nibbles of a word, lowest first
     mask_m, mask_n = offs_m < M, offs_n < N
+    zero_shift = (offs_n % 8) * 4                           # qzeros packs 8 output columns per word
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mask_k = k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        mask_kn = mask_k[:, None] & mask_n[None, :]
-        qw = tl.load(qweight_ptr + (k[:, None] // 8) * stride_qk + offs_n[None, :] * stride_qn, mask=mask_kn, other=0)
-        q = (qw >> ((k[:, None] % 8) * 4)) & 0xF
-        g = tl.load(g_idx_ptr + k, mask=mask_k, other=0)
-        s = tl.load(scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask_kn, other=0.0)
-        zw = tl.load(qzeros_ptr + g[:, None] * stride_zg + (offs_n[None, :] // 8) * stride_zn, mask=mask_kn, other=0)
-        z = ((zw >> ((offs_n[None, :] % 8) * 4)) & 0xF) + 1  # GPTQ v1 stores zero - 1
-        w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
-        acc += tl.dot(x, w)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        p = k0 // 8 + offs_p
+        qw = tl.load(qweight_ptr + p[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                     mask=(p[:, None] < K // 8) & mask_n[None, :], other=0)          # each word read once
+        q = tl.reshape((qw[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N))        # row 8p + j = nibble j
+        if GROUPED:  # the whole K-step lies in one group: scale and zero are one row, applied per column
+            g = k0 // group_k
+            s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+            zw = tl.load(qzeros_ptr + g * stride_zg + (offs_n // 8) * stride_zn, mask=mask_n, other=0)
+            z = (((zw >> zero_shift) & 0xF) + 1).to(tl.float32)                      # GPTQ v1 stores zero - 1
+            xq = tl.dot(x, q.to(x.dtype))                                             # q in 0..15: exact in fp16
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            acc += (xq - x_sum[:, None] * z[None, :]) * s[None, :]
+        else:        # act-order: every input row has its own group
+            g = tl.load(g_idx_ptr + k, mask=mask_k, other=0)
+            mask_kn = mask_k[:, None] & mask_n[None, :]
+            s = tl.load(scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask_kn, other=0.0)
+            zw = tl.load(qzeros_ptr + g[:, None] * stride_zg + (offs_n[None, :] // 8) * stride_zn, mask=mask_kn, other=0)
+            z = ((zw >> zero_shift[None, :]) & 0xF) + 1
+            w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
+            acc += tl.dot(x, w)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+    else:            # the output was zeroed; each K-slice adds its part
+        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
-# Autotune lists, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps). tl.dot needs every block >= 16.
-# Decoding (M <= 16): one row-block, wide K steps: each program streams its packed columns once.
-SKINNY_CONFIGS = [(16, 64, 64, 4), (16, 128, 64, 4), (16, 64, 128, 4), (16, 32, 128, 2)]
+# Autotune lists, (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). tl.dot needs blocks >= 16.
+# Decoding (M <= 16): one row-block; split-K multiplies the programs streaming weights (8192 x 8192
+# has only 128 tiles of 64 columns for 132 SMs); every word of qweight is read by exactly one program.
+SKINNY_CONFIGS = [(16, 64, 128, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3),
+                  (16, 32, 128, 8, 4, 4), (16, 64, 64, 8, 4, 4), (16, 128, 64, 2, 8, 3)]
 # Prefill: square-ish tiles reuse every unpacked weight for many rows.
-GEMM_CONFIGS = [(64, 64, 32, 4), (64, 128, 32, 4), (128, 128, 32, 8), (128, 64, 64, 4)]
+GEMM_CONFIGS = [(64, 64, 32, 1, 4, 3), (64, 128, 32, 1, 4, 3), (128, 128, 32, 1, 8, 3),
+                (128, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 4), (128, 256, 64, 1, 8, 3)]
+SKINNY_MAX_M = 16
 
 
 def block_sizes(M: int) -> tuple[int, int, int]:
     """The fixed blocks used where there is no autotuning (the CPU interpreter): the lists' first."""
-    return (SKINNY_CONFIGS if M <= 16 else GEMM_CONFIGS)[0][:3]
+    return (SKINNY_CONFIGS if M <= SKINNY_MAX_M else GEMM_CONFIGS)[0][:3]
 
 
-def _autotuned(configs):
-    return triton.autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-                            for m, n, k, w in configs], key=["N", "K"])(w4a16_kernel)
+def fast_path_block_k(group_size: int | None, K: int) -> int:
+    """The largest BLOCK_K (a power of two, 16..256) that stays inside one group, or 0: use g_idx.
+
+    group_size None means act-order (or unknown): groups are not contiguous runs. Per-channel
+    (group_size -1, or >= K) puts all of K in one group, so any BLOCK_K does."""
+    if group_size is None:
+        return 0
+    if group_size == -1 or group_size >= K:
+        return 256
+    bk = 256
+    while bk >= 16 and group_size % bk:
+        bk //= 2
+    return bk if bk >= 16 else 0
 
 
-_TUNED = {}  # "skinny" / "gemm" -> autotuned kernel, built on first GPU use
+def _zero_out(nargs):
+    nargs["out_ptr"].zero_()  # split-K programs add into the output: it must start at zero
+
+
+def _autotuned(configs, max_block_k: int):
+    """An autotuned kernel over `configs` with BLOCK_K capped (one group per K-step); duplicates dropped."""
+    seen, tconfigs = set(), []
+    for m, n, k, split, warps, stages in configs:
+        k = min(k, max_block_k) if max_block_k else k
+        if (m, n, k, split, warps, stages) in seen:
+            continue
+        seen.add((m, n, k, split, warps, stages))
+        tconfigs.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split},
+                                      num_warps=warps, num_stages=stages,
+                                      pre_hook=_zero_out if split > 1 else None))
+    return triton.autotune(tconfigs, key=["m_bucket", "N", "K", "GROUPED"])(w4a16_kernel)
+
+
+_TUNED = {}  # (path, BLOCK_K cap) -> autotuned kernel, built on first GPU use
+
+
+def tuned_config(M: int, K: int, group_size: int | None):
+    """The configuration the autotuner last ran for calls like this one (None before any GPU call)."""
+    kernel = _TUNED.get(("skinny" if M <= SKINNY_MAX_M else "gemm", fast_path_block_k(group_size, K)))
+    return getattr(kernel, "best_config", None)
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                 g_idx: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ dequant(W)^T -> (..., N) in x's dtype, W in the 4-bit GPTQ v1 layout."""
+                 g_idx: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                 group_size: int | None = None, blocks: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x (..., K) @ dequant(W)^T -> (..., N) in x's dtype, W in the 4-bit GPTQ v1 layout.
+
+    group_size: pass it (-1 for per-channel) only when g_idx is the contiguous k // group_size (no
+    act-order, as QuantLinear checks): the kernel then reads one row of scales per K-step and skips
+    g_idx. Without it the kernel gathers scales through g_idx, which is always correct.
+    blocks: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) instead of autotuning (tests run every autotune
+    configuration this way in the interpreter; BLOCK_K is still capped to stay inside one group)."""
     # (1) check
     K, N = g_idx.numel(), scales.shape[1]
     if x.shape[-1] != K:
@@ -96,21 +166,29 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
         raise ValueError(f"qzeros must have shape ({scales.shape[0]}, {N // 8}), got {tuple(qzeros.shape)}")
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
+    block_k_cap = fast_path_block_k(group_size, K)
+    group_k = K if group_size in (-1, None) or group_size >= K else group_size
     # (2) allocate
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     # (3) launch: autotuned on a GPU, fixed blocks in the interpreter
-    args = (x2, qweight, qzeros, scales, g_idx, out, M, N, K, x2.stride(0), x2.stride(1), qweight.stride(0),
-            qweight.stride(1), qzeros.stride(0), qzeros.stride(1), scales.stride(0), scales.stride(1),
-            out.stride(0), out.stride(1))
-    if x.is_cuda:
-        path = "skinny" if M <= 16 else "gemm"
-        if path not in _TUNED:
-            _TUNED[path] = _autotuned(SKINNY_CONFIGS if path == "skinny" else GEMM_CONFIGS)
-        _TUNED[path][lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args)
+    m_bucket = triton.next_power_of_2(M)  # retune per power of two of M, not for every prompt length
+    args = (x2, qweight, qzeros, scales, g_idx, out, M, N, K, group_k, m_bucket, x2.stride(0), x2.stride(1),
+            qweight.stride(0), qweight.stride(1), qzeros.stride(0), qzeros.stride(1), scales.stride(0),
+            scales.stride(1), out.stride(0), out.stride(1))
+    if x.is_cuda and blocks is None:
+        path = "skinny" if M <= SKINNY_MAX_M else "gemm"
+        if (path, block_k_cap) not in _TUNED:
+            _TUNED[path, block_k_cap] = _autotuned(SKINNY_CONFIGS if path == "skinny" else GEMM_CONFIGS, block_k_cap)
+        _TUNED[path, block_k_cap][lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]),
+                                                meta["SPLIT_K"])](*args, GROUPED=block_k_cap > 0)
     else:
-        BM, BN, BK = block_sizes(M)
-        w4a16_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](*args, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+        BM, BN, BK, split = blocks or (*block_sizes(M), 1)
+        BK = min(BK, block_k_cap) if block_k_cap else BK
+        if split > 1:
+            out.zero_()
+        w4a16_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN), split)](*args, GROUPED=block_k_cap > 0, BLOCK_M=BM,
+                                                                       BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=split)
     if bias is not None:
         out += bias.to(out.dtype)
     return out.reshape(*x.shape[:-1], N)
