@@ -1,32 +1,30 @@
 """A fused W4A16 dequantize-and-multiply kernel in Triton: y = x @ dequant(qweight)^T.
 
 Derived in notebooks/06_dequant_matmul_kernels.ipynb. What you will learn here:
-    * how a kernel reads GPTQ's packed int32 words once and unpacks 8 weights from each in registers,
+    * how a kernel reads GPTQ's packed int32 words and unpacks 8 weights from each in registers,
     * why it never writes the float weights to memory (the point of weight-only quantization:
       decoding is memory-bound, so bytes read are time),
     * why the scale and zero-point are applied to the *product*, per output column, not to every weight
-      (fewer instructions per weight: at batch 1 the unpacking competes with the memory for time),
+      on the tensor-core path (fewer instructions per weight: unpacking competes with memory for time),
     * split-K: at batch 1 there are too few output tiles to keep every SM streaming, so several
       programs share one tile's K range and add their partial sums atomically,
     * how act-order (a permuted g_idx) still works: scales and zeros gathered per input row.
 
 The blocked algorithm, for one (BLOCK_M x BLOCK_N) tile of the output and one of SPLIT_K slices of K:
 
-    acc = zeros(BLOCK_M, BLOCK_N)                             # fp32 accumulator
+    acc = zeros                                               # fp32 accumulator
     for k0 in this slice's K-steps (every SPLIT_K-th block of BLOCK_K inputs):
-        x  = X[m-tile, k0:k0+BLOCK_K]                         # activations, fp16/bf16/fp32
-        qw = qweight[k0/8 : (k0+BLOCK_K)/8, n-tile]           # each int32 holds 8 inputs of one column
-        q  = (qw >> 4*j) & 0xF for j = 0..7, interleaved      # the 4-bit integers, (BLOCK_K, BLOCK_N)
-        if the groups are contiguous runs (no act-order) and BLOCK_K divides the group size:
-            s, z = scales[k0 // group, n-tile], zeros[k0 // group, n-tile]   # one row: the step's group
-            acc += (x @ q - rowsum(x) * z) * s                # = x @ ((q - z) * s), per column
-        else:                                                 # act-order: any input, any group
-            g = g_idx[k0:k0+BLOCK_K]
-            acc += x @ ((q - zeros[g, n-tile]) * scales[g, n-tile])
+        qw = qweight[k // 8, n-tile] for k in k0..k0+BLOCK_K  # each int32 holds 8 inputs of one column
+        q  = (qw >> 4 * (k % 8)) & 0xF                        # the 4-bit integers, (BLOCK_K, BLOCK_N)
+        s, z = scales, zeros of the step's group              # one row when groups are contiguous runs
+                                                              # (no act-order); else gathered via g_idx
+        if BLOCK_M == 1:  acc += x[k, None] * ((q - z) * s)   # CUDA cores; sum over K at the end
+        else:             acc += (x @ q - rowsum(x) * z) * s  # tensor cores; = x @ ((q - z) * s)
     Y[m-tile, n-tile] (+)= acc                                # atomic add when SPLIT_K > 1
 
-Two autotuned paths share the kernel: decoding (M <= 16: BLOCK_M = 16, split-K, each weight read
-once) and prefill (larger M: bigger tiles reuse each unpacked weight for more rows, tl.dot).
+Two autotuned paths share the kernel: decoding (M <= 16: one-row programs or BLOCK_M = 16, split-K,
+each weight read once per program) and prefill (larger M: bigger tiles reuse each unpacked weight
+for more rows, tl.dot).
 Run on CPU with TRITON_INTERPRET=1 set before this module is imported (tests do).
 """
 from __future__ import annotations
@@ -50,49 +48,59 @@ def w4a16_kernel(
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_K // 8)                     # packed rows of one K-step
-    shifts = (tl.arange(0, 8) * 4)[None, :, None]           # the 8 nibbles of a word, lowest first
     mask_m, mask_n = offs_m < M, offs_n < N
-    zero_shift = (offs_n % 8) * 4                           # qzeros packs 8 output columns per word
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    zero_shift = (offs_n % 8) * 4                                    # qzeros packs 8 output columns per word
+    if BLOCK_M == 1:  # one row of x: multiply-add on the CUDA cores, reduce over K once at the end
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    else:             # several rows: tl.dot on the tensor cores
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mask_k = k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        p = k0 // 8 + offs_p
-        qw = tl.load(qweight_ptr + p[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-                     mask=(p[:, None] < K // 8) & mask_n[None, :], other=0)          # each word read once
-        q = tl.reshape((qw[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N))        # row 8p + j = nibble j
-        if GROUPED:  # the whole K-step lies in one group: scale and zero are one row, applied per column
+        mask_kn = mask_k[:, None] & mask_n[None, :]
+        # each int32 holds 8 inputs of one column: the 8 rows k of a word load the same address (one
+        # memory transaction, served by L1), and each shifts its own nibble out
+        qw = tl.load(qweight_ptr + (k[:, None] // 8) * stride_qk + offs_n[None, :] * stride_qn, mask=mask_kn, other=0)
+        q = (qw >> ((k[:, None] % 8) * 4)) & 0xF                                      # (BLOCK_K, BLOCK_N)
+        if GROUPED:  # the whole K-step lies in one group: scale and zero are one row
             g = k0 // group_k
-            s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+            s = tl.load(scales_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             zw = tl.load(qzeros_ptr + g * stride_zg + (offs_n // 8) * stride_zn, mask=mask_n, other=0)
-            z = (((zw >> zero_shift) & 0xF) + 1).to(tl.float32)                      # GPTQ v1 stores zero - 1
-            xq = tl.dot(x, q.to(x.dtype))                                             # q in 0..15: exact in fp16
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
-            acc += (xq - x_sum[:, None] * z[None, :]) * s[None, :]
+            z = (((zw >> zero_shift) & 0xF) + 1).to(tl.float32)[None, :]              # GPTQ v1 stores zero - 1
         else:        # act-order: every input row has its own group
             g = tl.load(g_idx_ptr + k, mask=mask_k, other=0)
-            mask_kn = mask_k[:, None] & mask_n[None, :]
             s = tl.load(scales_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask_kn, other=0.0)
             zw = tl.load(qzeros_ptr + g[:, None] * stride_zg + (offs_n[None, :] // 8) * stride_zn, mask=mask_kn, other=0)
-            z = ((zw >> zero_shift[None, :]) & 0xF) + 1
-            w = ((q - z).to(tl.float32) * s.to(tl.float32)).to(x.dtype)
-            acc += tl.dot(x, w)
+            s, z = s.to(tl.float32), (((zw >> zero_shift[None, :]) & 0xF) + 1).to(tl.float32)
+        if BLOCK_M == 1:
+            x = tl.load(x_ptr + pid_m * stride_xm + k * stride_xk, mask=mask_k, other=0.0).to(tl.float32)
+            acc += x[:, None] * ((q.to(tl.float32) - z) * s)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if GROUPED:  # x @ ((q - z) * s) = (x @ q - rowsum(x) z) * s: unpack only, scale per column
+                x_sum = tl.sum(x.to(tl.float32), axis=1)[:, None]
+                acc += (tl.dot(x, q.to(x.dtype)) - x_sum * z) * s                      # q in 0..15: exact
+            else:
+                acc += tl.dot(x, ((q.to(tl.float32) - z) * s).to(x.dtype))
+    if BLOCK_M == 1:
+        result = tl.sum(acc, axis=0)[None, :]                                         # (1, BLOCK_N)
+    else:
+        result = acc
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     mask_out = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+        tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask_out)
     else:            # the output was zeroed; each K-slice adds its part
-        tl.atomic_add(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+        tl.atomic_add(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
-# Autotune lists, (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages). tl.dot needs blocks >= 16.
-# Decoding (M <= 16): one row-block; split-K multiplies the programs streaming weights (8192 x 8192
-# has only 128 tiles of 64 columns for 132 SMs); every word of qweight is read by exactly one program.
-SKINNY_CONFIGS = [(16, 64, 128, 1, 4, 3), (16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3),
-                  (16, 32, 128, 8, 4, 4), (16, 64, 64, 8, 4, 4), (16, 128, 64, 2, 8, 3)]
+# Autotune lists, (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages).
+# Decoding (M <= 16). BLOCK_M = 1: one program per row of x, multiply-adds on the CUDA cores, many
+# small K-slices (as GemLite's GEMV does): thousands of programs keep every SM streaming weights.
+# BLOCK_M = 16: tl.dot (blocks >= 16), all rows at once, each weight read once.
+SKINNY_CONFIGS = [(1, 128, 32, 32, 4, 1), (1, 256, 32, 16, 4, 2), (1, 64, 64, 16, 2, 2),
+                  (16, 64, 64, 8, 4, 3), (16, 128, 64, 4, 4, 3), (16, 64, 128, 4, 4, 3)]
 # Prefill: square-ish tiles reuse every unpacked weight for many rows.
 GEMM_CONFIGS = [(64, 64, 32, 1, 4, 3), (64, 128, 32, 1, 4, 3), (128, 128, 32, 1, 8, 3),
                 (128, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 4), (128, 256, 64, 1, 8, 3)]
