@@ -204,14 +204,22 @@ TABLES = {"rtn_smollm2": rtn_table, "packing_smollm2": packing_table, "gptq_smol
 README = RESULTS_DIR.parent.parent / "README.md"
 
 
+def _table_for(name: str):
+    if name.startswith("kernels_"):  # one file per GPU: kernels_<gpu>.json
+        from minquant.kernels.benchmark import kernels_table
+
+        return kernels_table
+    return TABLES[name]
+
+
 def readme_block(name: str) -> str:
-    return f"<!-- results:{name} -->\n{TABLES[name](load_results(name))}\n<!-- /results:{name} -->"
+    return f"<!-- results:{name} -->\n{_table_for(name)(load_results(name))}\n<!-- /results:{name} -->"
 
 
 def update_readme(path: Path = README) -> None:
     """Rewrite each results block of the README from its results file (never typed by hand)."""
     text = path.read_text()
-    for name in TABLES:
+    for name in [*TABLES, *(p.stem for p in sorted(RESULTS_DIR.glob("kernels_*.json")))]:
         if not (RESULTS_DIR / f"{name}.json").is_file():
             continue
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"

@@ -23,6 +23,26 @@ def test_readme_tables_are_the_results_files():
             assert f"<!-- results:{name} -->" not in readme, f"README has a table for {name} but no results file"
             continue
         assert bench.readme_block(name) in readme, f"README is stale: run `minquant bench readme` ({name})"
+    for path in bench.RESULTS_DIR.glob("kernels_*.json"):  # one per GPU measured
+        assert bench.readme_block(path.stem) in readme, f"README is stale: run `minquant bench readme` ({path.stem})"
+
+
+def test_kernels_table_reads_the_sweep():
+    from minquant.kernels.benchmark import kernels_table, targets_reached
+
+    row = lambda M, fp16, mq, int4: {"M": M, "K": 8192, "N": 8192, "speedup_vs_fp16": fp16 / mq,  # noqa: E731
+                                     "speedup_vs_torch_int4": int4 / mq, "percent_of_copy_bandwidth": 50.0,
+                                     "ms": {"fp16_matmul": fp16, "minquant_w4a16": mq, "torch_int4": int4}}
+    rows = [row(1, 0.056, 0.014, 0.021), row(16, 0.056, 0.028, 0.08), row(2, 1, 1, 1)]
+    record = {"machine": {"gpu": "GPU X"}, "command": "minquant bench kernels", "date": "2026-11-27T00:00",
+              "versions": {"torch": "2.11"}, "protocol": {"group_size": 128, "triton": "3.6", "rotation_bytes": 2**29,
+                                                          "copy_bandwidth_gbs": 3000.0, "targets": "t"},
+              "results": {"sweep": rows, "decode": {}}}
+    table = kernels_table(record)
+    assert "| 8192 x 8192 | 1 | 56.0 | 14.0 | 4.00x | 50% | 21.0 | 1.50x |" in table
+    assert "| 8192 x 8192 | 2 |" not in table  # only the batches asked for
+    t = targets_reached(rows)
+    assert t["batch1_target_3.5x"] and t["batch1_target_1.5x_int4"] and not t["batch16_target_3x"]
 
 
 def test_mixed_and_calibration_sweeps_and_tables():

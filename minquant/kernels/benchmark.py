@@ -268,3 +268,30 @@ def decode_tokens_per_s(group_size: int = 128, new_tokens: int = 64) -> dict:
     if all(isinstance(result[k], float) for k in ("fp16_graphed_tokens_per_s", "minquant_w4_graphed_tokens_per_s")):
         result["graphed_speedup"] = result["minquant_w4_graphed_tokens_per_s"] / result["fp16_graphed_tokens_per_s"]
     return result
+
+
+def kernels_table(record: dict, batches=(1, 16, 128, 512)) -> str:
+    """Markdown: per layer shape and batch, GPU time of fp16, minquant and torch int4, and the ratios."""
+    p, r = record["protocol"], record["results"]
+    lines = [f"W4A16 g{p['group_size']} on {record['machine'].get('gpu', '?')} (`{record['command']}`, "
+             f"{record['date'][:10]}; torch {record['versions']['torch']}, Triton {p['triton']}). GPU time per call "
+             f"from CUDA graphs, weights rotated through {p['rotation_bytes'] // 2**20} MB; copy bandwidth "
+             f"{p['copy_bandwidth_gbs']:.0f} GB/s (read + write). Target: {p['targets']}.", "",
+             "| K x N | M | fp16 (us) | minquant (us) | vs fp16 | % copy BW | torch int4 (us) | minquant vs int4 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in r["sweep"]:
+        if row["M"] not in batches:
+            continue
+        t = row["ms"]
+        int4 = (f"{t['torch_int4'] * 1e3:.1f} | {row['speedup_vs_torch_int4']:.2f}x" if "torch_int4" in t else "- | -")
+        lines.append(f"| {row['K']} x {row['N']} | {row['M']} | {t['fp16_matmul'] * 1e3:.1f} | {t['minquant_w4a16'] * 1e3:.1f} | "
+                     f"{row['speedup_vs_fp16']:.2f}x | {row['percent_of_copy_bandwidth']:.0f}% | {int4} |")
+    d = r.get("decode") or {}
+    if "fp16_tokens_per_s" in d:
+        graphed = (f"; as CUDA graphs (no Python overhead): fp16 {d['fp16_graphed_tokens_per_s']:.0f}, "
+                   f"minquant {d['minquant_w4_graphed_tokens_per_s']:.0f} tokens/s ({d['graphed_speedup']:.2f}x)"
+                   if "graphed_speedup" in d else "")
+        lines += ["", f"Decoding a random Llama-2-7B-shaped model at batch 1 with transformers' `generate`: fp16 "
+                      f"{d['fp16_tokens_per_s']:.1f}, minquant 4-bit {d['minquant_w4_tokens_per_s']:.1f} tokens/s "
+                      f"({d['speedup']:.2f}x){graphed}."]
+    return "\n".join(lines)
