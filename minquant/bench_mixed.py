@@ -185,6 +185,13 @@ def calibration_entries() -> list[tuple[str, dict]]:
                 label = f"{method.upper()} {source} {n}x{seqlen} seed {seed}"
                 out.append((label, {"method": method, **CALIB_SCHEME,
                                     "calib": {"source": source, "n_samples": n, "seqlen": seqlen, "seed": seed}}))
+    # Windows of 2048 can only come from the few C4 documents that long (32 of 1000 in the slice): the
+    # same short windows drawn from those documents only separate "which text" from "how long".
+    for method in ("gptq", "awq"):
+        for seed in CALIB_SEEDS:
+            out.append((f"{method.upper()} c4 long-documents 32x128 seed {seed}",
+                        {"method": method, **CALIB_SCHEME,
+                         "calib": {"source": "c4", "n_samples": 32, "seqlen": 128, "seed": seed, "min_doc_tokens": 2048}}))
     return out
 
 

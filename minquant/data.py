@@ -106,19 +106,23 @@ def load_text(name: str, split: str = "test", sep: str = "\n\n") -> str:
 
 
 def calibration_windows(source: str, tokenizer, n: int = 128, seqlen: int = 512, seed: int = 0,
-                        split: str | None = None) -> torch.Tensor:
+                        split: str | None = None, min_doc_tokens: int = 0) -> torch.Tensor:
     """`n` random windows of `seqlen` token ids, (n, seqlen) int64, reproducible from `seed`.
 
     C4 as in the GPTQ paper: pick a random document, keep it only if it is longer than `seqlen`
     tokens, take a random window of it. WikiText-2 (validation split by default, never the test
     split we evaluate on): random windows of the whole tokenized text. "random": uniformly random
-    token ids, a control that shows what real text is worth.
+    token ids, a control that shows what real text is worth. `min_doc_tokens` (C4 only) draws only
+    from documents longer than that, whatever the window: it separates *which* documents a window
+    length allows from the length itself (the calibration study of notebook 09).
     """
     if n < 1 or seqlen < 1:
         raise ValueError(f"need n >= 1 and seqlen >= 1, got n={n}, seqlen={seqlen}")
     rng = random.Random(seed)  # our own generator: never touches the global random state
+    if min_doc_tokens and source != "c4":
+        raise ValueError(f"min_doc_tokens chooses among C4 documents; {source!r} has none")
     if source == "c4":
-        return _c4_windows(load_rows("c4", split or "train"), tokenizer, n, seqlen, rng)
+        return _c4_windows(load_rows("c4", split or "train"), tokenizer, n, seqlen, rng, max(seqlen, min_doc_tokens))
     if source == "wikitext2":
         if (split or "validation") == "test":
             raise ValueError("calibrating on the WikiText-2 test split would leak the evaluation text")
@@ -133,7 +137,7 @@ def calibration_windows(source: str, tokenizer, n: int = 128, seqlen: int = 512,
     raise ValueError(f"unknown calibration source {source!r}; known: c4, wikitext2, random")
 
 
-def _c4_windows(docs: list[str], tokenizer, n: int, seqlen: int, rng: random.Random) -> torch.Tensor:
+def _c4_windows(docs: list[str], tokenizer, n: int, seqlen: int, rng: random.Random, min_tokens: int) -> torch.Tensor:
     tokenized: dict[int, torch.Tensor] = {}  # documents are drawn again and again: tokenize once
     windows = []
     for _ in range(n):
@@ -141,10 +145,10 @@ def _c4_windows(docs: list[str], tokenizer, n: int, seqlen: int, rng: random.Ran
             i = rng.randint(0, len(docs) - 1)
             if i not in tokenized:
                 tokenized[i] = tokenizer(docs[i], return_tensors="pt").input_ids[0]
-            if len(tokenized[i]) > seqlen:
+            if len(tokenized[i]) > min_tokens:
                 break
         else:
-            raise ValueError(f"no C4 document is longer than seqlen={seqlen} tokens")
+            raise ValueError(f"no C4 document is longer than {min_tokens} tokens (seqlen={seqlen})")
         start = rng.randint(0, len(tokenized[i]) - seqlen - 1)
         windows.append(tokenized[i][start:start + seqlen])
     return torch.stack(windows)

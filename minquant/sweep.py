@@ -120,7 +120,8 @@ def run_sweep(name: str, protocol: dict, entries: list[tuple[str, dict]], only: 
             cal_windows = windows
             if "calib" in spec:  # an entry with its own calibration data (the calibration study)
                 c = spec["calib"]
-                cal_windows = calibration_windows(c["source"], tokenizer, n=c["n_samples"], seqlen=c["seqlen"], seed=c["seed"])
+                cal_windows = calibration_windows(c["source"], tokenizer, n=c["n_samples"], seqlen=c["seqlen"], seed=c["seed"],
+                                                  min_doc_tokens=c.get("min_doc_tokens", 0))
             measure(label, spec, results, float_model, cal_windows, ids, protocol["eval"])
         except (RuntimeError, ValueError, subprocess.SubprocessError) as e:  # one failed entry must not lose the rest
             print(f"{label}: FAILED: {e}", flush=True)

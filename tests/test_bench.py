@@ -63,6 +63,7 @@ def test_mixed_and_calibration_sweeps_and_tables():
     assert "| 3.297 | GPTQ W3 g64 asym | 56.00 | 169 |  |" in table and "fp32: 20.00" in table
     calib = dict(calibration_entries())
     assert calib["GPTQ random 128x512 seed 2"]["calib"] == {"source": "random", "n_samples": 128, "seqlen": 512, "seed": 2}
+    assert calib["AWQ c4 long-documents 32x128 seed 1"]["calib"]["min_doc_tokens"] == 2048 and len(calib) == 49
     assert CALIB_PROTOCOL["eval"]["windows"] == 4
     rec = {"protocol": CALIB_PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
         "GPTQ c4 8x512 seed 0": {"ppl": 50.0}, "GPTQ c4 8x512 seed 1": {"ppl": 54.0}, "RTN (no calibration)": {"ppl": 70.0}}}

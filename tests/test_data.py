@@ -74,6 +74,10 @@ def test_c4_windows_are_real_reproducible_slices(shared_data, minilm_tokenizer):
     docs = [minilm_tokenizer(d, return_tensors="pt").input_ids[0] for d in data.load_rows("c4", "train")]
     for window in w:  # each window is a contiguous run of one document's tokens
         assert any(len(d) > 64 and contains(d, window) for d in docs)
+    long_only = data.calibration_windows("c4", minilm_tokenizer, n=4, seqlen=64, seed=0, min_doc_tokens=1500)
+    for window in long_only:  # short windows, drawn from long documents only
+        assert any(len(d) > 1500 and contains(d, window) for d in docs)
+        assert not any(len(d) <= 1500 and contains(d, window) for d in docs)
 
 
 def test_wikitext_windows(shared_data, minilm_tokenizer):
@@ -85,8 +89,10 @@ def test_wikitext_windows(shared_data, minilm_tokenizer):
 
 
 def test_calibration_errors(shared_data, minilm_tokenizer):
-    with pytest.raises(ValueError, match="no C4 document is longer than seqlen=1000000"):
+    with pytest.raises(ValueError, match=r"no C4 document is longer than 1000000 tokens \(seqlen=1000000\)"):
         data.calibration_windows("c4", minilm_tokenizer, n=1, seqlen=1_000_000)
+    with pytest.raises(ValueError, match="min_doc_tokens chooses among C4 documents; 'wikitext2' has none"):
+        data.calibration_windows("wikitext2", minilm_tokenizer, n=1, seqlen=8, min_doc_tokens=100)
     with pytest.raises(ValueError, match="need n >= 1"):
         data.calibration_windows("c4", minilm_tokenizer, n=0)
     with pytest.raises(ValueError, match="known: c4, wikitext2"):
