@@ -1,10 +1,19 @@
-"""One call to quantize a model: `minquant.quantize(model, method="gptq", bits=4, group_size=128, ...)`.
+"""The front door, Hugging Face style: quantize, save, load, evaluate (and `minquant.memory`).
 
-The methods are built in the notebooks (RTN in 04-05, GPTQ in 07); this is the front door that
-checks the arguments once, fetches calibration data, and leaves the model with QuantLinear layers,
-ready for `minquant.checkpoint.save_quantized`.
+    model = minquant.quantize("smollm2-135m", method="gptq", bits=4, group_size=64)
+    minquant.save(model, "smollm2-gptq")
+    model = minquant.load("smollm2-gptq")
+    print(minquant.evaluate(model, "wikitext2", max_windows=4).ppl)
+
+The methods are built in the notebooks (RTN in 04-05, GPTQ in 07, AWQ in 08, mixed precision in
+09); notebook 10 puts them together. `quantize` checks the arguments once, fetches calibration
+data, and leaves the model with QuantLinear layers. A model loaded by minquant carries its
+tokenizer as `model.tokenizer`, so the calls below need it only for models you built yourself.
 """
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -21,6 +30,8 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
              calib: str | torch.Tensor = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0,
              device=None, batch_size: int = 8, progress: bool = True):
     """Quantize `model`'s linear layers in place into QuantLinear (GPTQ layout) and return the model.
+
+    `model`: an nn.Module, or a name to load first (packaged name, local folder or Hub id, fp32).
 
     method "rtn": min/max round-to-nearest, no data. methods "gptq" and "awq": calibration windows
     from `calib` ("c4", "wikitext2", or token ids (n, seqlen)) via `tokenizer`; block by block on `device`.
@@ -40,6 +51,8 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; minquant has: {', '.join(METHODS)}")
+    model = _as_model(model)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
     gptq_only = {"act_order": act_order, "static_groups": static_groups, "search_range": search_range,
@@ -116,3 +129,56 @@ def calibration_data(calib: str | torch.Tensor, tokenizer, n_samples: int, seqle
     if tokenizer is None:
         raise ValueError(f"calibrating on {calib!r} text needs the model's tokenizer (tokenizer=...)")
     return calibration_windows(calib, tokenizer, n=n_samples, seqlen=seqlen, seed=seed)
+
+
+def _as_model(model_or_name):
+    """A module as is; a name (packaged, folder, Hub id) loaded in fp32 with its tokenizer attached."""
+    if isinstance(model_or_name, (str, os.PathLike)):
+        from minquant.models import load_model
+
+        model, _ = load_model(str(model_or_name))
+        return model
+    if not isinstance(model_or_name, torch.nn.Module):
+        raise TypeError(f"expected a model (torch.nn.Module) or a model name, got {type(model_or_name).__name__}")
+    return model_or_name
+
+
+def save(model, out_dir: str | os.PathLike, *, tokenizer=None, dtype: torch.dtype = torch.float16) -> Path:
+    """Save a quantized model as a GPTQ checkpoint folder (transformers, vLLM and GPTQModel read it).
+
+    With its tokenizer (`model.tokenizer` unless given), and what the method leaves beside the
+    weights: AWQ's search (`awq_search.safetensors`, re-applicable to the float model) and a mixed
+    plan (`mixed_plan.json`, which config each layer got). Float tensors are stored in `dtype`.
+    """
+    from minquant.checkpoint import save_quantized
+
+    out = save_quantized(model, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None), out_dir, dtype)
+    if getattr(model, "awq_search", None) is not None:
+        model.awq_search.save(out / "awq_search.safetensors")
+    if getattr(model, "mixed_plan", None) is not None:
+        model.mixed_plan.save(out / "mixed_plan.json")
+    return out
+
+
+def load(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load a GPTQ checkpoint folder (ours, or any GPTQ v1 one) into QuantLinear layers; the model
+    carries its tokenizer as `model.tokenizer`. dtype: of activations and float tensors; default
+    fp16 on a GPU, fp32 on a CPU (where fp16 matmuls are slow)."""
+    from minquant.checkpoint import load_quantized
+
+    device = torch.device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    model, _ = load_quantized(folder, dtype=dtype)
+    return model.to(device)
+
+
+def evaluate(model, data: str | torch.Tensor = "wikitext2", *, tokenizer=None, seqlen: int | None = None,
+             max_windows: int | None = None, progress: bool = True):
+    """Perplexity of a causal LM with the GPTQ paper's protocol (non-overlapping windows of `seqlen`
+    tokens of the WikiText-2 test split, or of a given text or token ids). Returns a
+    `minquant.eval.PerplexityResult` (ppl, nll, tokens, windows, seqlen, text); `max_windows`
+    scores only the first windows (a quick slice: say so when you quote it)."""
+    from minquant.eval import perplexity
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    return perplexity(model, tokenizer, data, seqlen=seqlen, max_windows=max_windows, progress=progress)

@@ -197,7 +197,24 @@ def _claims_table(record: dict) -> str:
 
 
 # results file -> its README table
-TABLES = {"rtn_smollm2": rtn_table, "packing_smollm2": packing_table, "gptq_smollm2": _gptq_table,
+def _demo_table(record: dict) -> str:
+    p, r = record["protocol"], record["results"]
+    lines = [f"`make demo` on {record['machine']['cores']} CPU cores ({r['seconds'] / 60:.1f} min in all): {p['model']}, "
+             f"W{p['bits']} g{p['group_size']} asymmetric, calibration C4 {p['calibration']['n_samples']} x "
+             f"{p['calibration']['seqlen']} tokens, perplexity on the first {p['eval']['windows']} WikiText-2 test "
+             f"windows of {p['eval']['seqlen']} tokens; peak = the process's peak RSS while quantizing, float model included.",
+             "", "| | model MB | block linears MB | perplexity | quantize s | peak GB |", "|---|---|---|---|---|---|"]
+    for e in r["entries"]:
+        peak = f"{e['peak_bytes'] / 1e9:.2f}" if e["peak_bytes"] else "-"
+        lines.append(f"| {e['label']} | {e['model_bytes'] / 1e6:.1f} | {e['linear_bytes'] / 1e6:.1f} | {e['ppl']:.2f} | "
+                     f"{e['seconds']:.1f} | {peak} |")
+    lines += ["", f"Best: {r['best']}, {r['checkpoint_bytes'] / 1e6:.1f} MB on disk. Greedy generations "
+              f"({r['max_new_tokens']} new tokens), prompt \"{r['prompt']}\":", ""]
+    lines += [f"- **{label}**: {text}" for label, text in r["generations"].items()]
+    return "\n".join(lines)
+
+
+TABLES = {"demo_smollm2": _demo_table, "rtn_smollm2": rtn_table, "packing_smollm2": packing_table, "gptq_smollm2": _gptq_table,
           "awq_smollm2": _awq_table, "mixed_smollm2": _mixed_table, "sensitivity_smollm2": _sensitivity_table,
           "calibration_smollm2": _calibration_table, "eightbit": _eightbit_table,
           "claims": _claims_table}
@@ -209,6 +226,10 @@ def _table_for(name: str):
         from minquant.kernels.benchmark import kernels_table
 
         return kernels_table
+    if name.startswith("paper_"):  # one file per model: paper_<model>.json
+        from minquant.paper import paper_table
+
+        return paper_table
     return TABLES[name]
 
 
@@ -219,7 +240,7 @@ def readme_block(name: str) -> str:
 def update_readme(path: Path = README) -> None:
     """Rewrite each results block of the README from its results file (never typed by hand)."""
     text = path.read_text()
-    for name in [*TABLES, *(p.stem for p in sorted(RESULTS_DIR.glob("kernels_*.json")))]:
+    for name in [*TABLES, *(p.stem for pattern in ("kernels_*.json", "paper_*.json") for p in sorted(RESULTS_DIR.glob(pattern)))]:
         if not (RESULTS_DIR / f"{name}.json").is_file():
             continue
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"

@@ -1,4 +1,4 @@
-"""`minquant bench awq`: AWQ vs llm-compressor's AWQ on SmolLM2, next to RTN and GPTQ.
+"""`minquant bench awq`: AWQ vs llm-compressor's AWQ on SmolLM2, next to RTN and GPTQ (read by notebooks 08, 10).
 
 Same protocol as `minquant bench gptq` (calibration 128 x 512 tokens of C4, seed 0; WikiText-2
 test, seqlen 2048, first 16 windows), so the table takes RTN's and GPTQ's numbers from that sweep's

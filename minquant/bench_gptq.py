@@ -1,5 +1,7 @@
 """`minquant bench gptq`: GPTQ vs RTN vs llm-compressor's GPTQ on SmolLM2, side by side in one run.
 
+Its results are read by notebooks 07 and 10.
+
 Act-order comes in two flavours: groups formed along the sweep order (`g_idx` permuted; GPTQ's
 desc_act) and static groups, whose ranges are fixed on the original contiguous groups first.
 llm-compressor 0.14 has only the second (actorder="static", its default; "group" is refused).

@@ -1,5 +1,7 @@
 """`minquant bench sensitivity` and `minquant bench mixed`: layer sensitivity and mixed precision on SmolLM2.
 
+Also `calibration`, `eightbit` and `claims`; all read by notebook 09 (mixed also by 10).
+
 Same protocol as `minquant bench gptq` (calibration 128 x 512 tokens of C4, seed 0; WikiText-2 test,
 seqlen 2048, first 16 windows); uniform GPTQ's numbers at W3/W4 g64 come from that sweep's file.
 

@@ -146,11 +146,17 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):
         model.set_submodule(name, QuantLinear(linear.in_features, linear.out_features, cfg, bias=f"{name}.bias" in tensors))
     _load_checked(model, tensors, folder)
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    model.tokenizer = tokenizer  # as minquant.models.load_model does: the API calls find it here
     return model.eval(), tokenizer
 
 
+def weight_files(folder: str | Path) -> list[Path]:
+    """The checkpoint's weight files: every .safetensors but what methods leave beside them (AWQ's search)."""
+    return [f for f in sorted(Path(folder).glob("*.safetensors")) if f.name != "awq_search.safetensors"]
+
+
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise FileNotFoundError(f"no .safetensors file in {folder}")
     tensors = {}

@@ -1,21 +1,44 @@
-"""The `minquant` command. Each subcommand is a thin layer over a library function.
+"""The `minquant` command: the front door (`minquant.quantize/save/load/evaluate/memory`) in a shell.
 
-    minquant memory meta-llama/Llama-2-70b-hf     # bytes per format, GPUs needed, decode bound
-    minquant memory smollm2-135m --group-size 64 --linears-only
     minquant quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out smollm2-w4g64
-    minquant bench rtn                            # RTN perplexity table -> data/results/
-    minquant demo                                 # what `make demo` runs
+    minquant eval smollm2-w4g64 --max-windows 4     # perplexity of a checkpoint, a name or a folder
+    minquant generate smollm2-w4g64 --prompt "Why quantize?"
+    minquant memory meta-llama/Llama-2-70b-hf      # bytes per format, GPUs needed, decode bound
+    minquant bench rtn                             # measure; results -> data/results/
+    minquant demo                                  # what `make demo` runs (notebook 10)
+
+Each subcommand is a thin layer over a library function and ends with a one-line summary.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
+from pathlib import Path
 
 from minquant import memory
+from minquant.compare import DEMO_PROMPT
 
-DEMO_PROMPT = "Explain in one sentence why a 70B-parameter model does not fit on one 24 GB GPU."
+
+def load_any(name: str, dtype=None, device: str = "cpu"):
+    """A minquant/GPTQ checkpoint folder through `minquant.load`, anything else through `load_model`."""
+    import minquant
+
+    config = Path(name) / "config.json"
+    if config.is_file() and "quantization_config" in json.loads(config.read_text()):
+        return minquant.load(name, dtype=dtype, device=device)
+    import torch
+
+    model, _ = minquant.load_model(name, dtype=dtype or torch.float32, device=device)
+    return model
+
+
+def _dtype(name: str | None):
+    import torch
+
+    return {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
@@ -27,60 +50,69 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    import torch
+    from minquant.compare import demo
 
-    from minquant.models import load_config, load_model
-
-    for name, group_size in (("smollm2-135m", 64), ("meta-llama/Llama-2-70b-hf", 128)):
-        print(memory.memory_table(load_config(name), name, group_size=group_size), end="\n\n")
-
-    print(f"Generating from smollm2-135m (fp32, greedy, {args.max_new_tokens} new tokens)...")
-    start = time.perf_counter()
-    model, tokenizer = load_model("smollm2-135m")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                        add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-    print(f"\nprompt: {args.prompt}")
-    print(f"smollm2-135m fp32: {tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()}")
-    print(f"\n(load and generate: {time.perf_counter() - start:.1f} s)")
+    record = demo(args.model, args.out, methods=args.methods, bits=args.bits, group_size=args.group_size,
+                  n_samples=args.n_samples, seqlen=args.seqlen, eval_windows=args.eval_windows,
+                  prompt=args.prompt, max_new_tokens=args.max_new_tokens, device=args.device,
+                  progress=not args.quiet)
+    (Path(args.out) / "demo_results.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     import minquant
-    from minquant.checkpoint import save_quantized
-    from minquant.models import load_model
+    from minquant.checkpoint import weight_files
 
-    print(f"loading {args.model} ...")
-    model, tokenizer = load_model(args.model)
+    print(f"loading {args.model} ...", flush=True)
+    model = load_any(args.model)
     start = time.perf_counter()
-    minquant.quantize(model, args.method, tokenizer=tokenizer, bits=args.bits, group_size=args.group_size,
+    minquant.quantize(model, args.method, bits=args.bits, group_size=args.group_size,
                       sym=args.sym, full_range=args.full_range, act_order=args.act_order,
                       static_groups=args.static_groups, search_range=args.search_range, damp=args.damp,
                       true_sequential=not args.no_true_sequential, duo_scaling=args.duo_scaling, clip=not args.no_clip,
                       bits_budget=args.bits_budget,
                       calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed, device=args.device)
     seconds = time.perf_counter() - start
-    out = save_quantized(model, tokenizer, args.out)
-    if args.method == "awq":  # the scales and clips, to re-apply to the float model (minquant.awq.apply_awq)
-        model.awq_search.save(out / "awq_search.safetensors")
+    out = minquant.save(model, args.out)
     if args.bits_budget is not None:  # which config each layer got
         plan = model.mixed_plan
-        plan.save(out / "mixed_plan.json")
         print(f"mixed precision: {plan.bits_per_weight:.3f} bits per weight (budget {args.bits_budget}); layers per config: "
               + ", ".join(f"{label} {n}" for label, n in plan.counts().items()))
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in weight_files(out))
     scheme = f"mixed {model.mixed_plan.bits_per_weight:.2f} bits/weight" if args.bits_budget is not None else f"W{args.bits} g{args.group_size}"
     print(f"\n{args.method.upper()} {scheme}{' sym' if args.sym else ''}"
           f"{' act-order' if args.act_order else ''}: quantized in {seconds:.1f} s; "
           f"saved {out} ({size / 1e6:.1f} MB of weights)")
     if args.eval_windows:
-        from minquant.eval import perplexity
-
-        r = perplexity(model.float(), tokenizer, "wikitext2", max_windows=args.eval_windows)
+        r = minquant.evaluate(model.float(), "wikitext2", max_windows=args.eval_windows)
         print(f"WikiText-2 test perplexity ({r.windows} windows of {r.seqlen}): {r.ppl:.3f}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import minquant
+    from minquant.memory import module_bytes
+
+    model = load_any(args.model, _dtype(args.dtype), args.device)
+    start = time.perf_counter()
+    data = Path(args.text).read_text() if args.text else "wikitext2"
+    r = minquant.evaluate(model, data, seqlen=args.seqlen, max_windows=args.max_windows or None)
+    print(f"{args.model}: perplexity {r.ppl:.3f} on {r.text} ({r.windows} windows of {r.seqlen} tokens, "
+          f"{r.tokens:,} predicted); model {module_bytes(model) / 1e6:.1f} MB; {time.perf_counter() - start:.1f} s")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from minquant.compare import generate
+
+    from transformers import TextStreamer
+
+    model = load_any(args.model, _dtype(args.dtype), args.device)
+    print(f"prompt: {args.prompt}\n{args.model}: ", end="", flush=True)
+    start = time.perf_counter()
+    streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)  # tokens as they come
+    text = generate(model, model.tokenizer, args.prompt, args.max_new_tokens, chat=not args.no_chat, streamer=streamer)
+    seconds = time.perf_counter() - start
+    n = len(model.tokenizer(text, add_special_tokens=False).input_ids)
+    print(f"\n({n} tokens in {seconds:.1f} s, greedy)")
 
 
 # `minquant bench WHICH`: the module and function that measure, and the results file they write
@@ -106,14 +138,42 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         print(f"saved {bench_kernels()}")
         return
+    if args.which == "paper":
+        from minquant.paper import bench_paper, paper_table, results_name
+
+        model = args.model or "facebook/opt-125m"
+        path = bench_paper(model, device=args.device, n_samples=args.n_samples, seqlen=args.seqlen,
+                           max_windows=args.max_windows or None)
+        print(f"saved {path}\n\n{paper_table(bench.load_results(results_name(model)))}")
+        return
+    if args.which == "demo":  # the demo's table, generations and per-layer errors, for notebook 10 and the README
+        from minquant.compare import demo
+
+        record = demo(args.model or "smollm2-135m", "/tmp/minquant-bench-demo", eval_windows=args.max_windows or 4)
+        path = bench.save_results("demo_smollm2", {k: record.pop(k) for k in ("model", "bits", "group_size", "calibration", "eval")}, record)
+        print(f"saved {path}")
+        return
     if args.which in SWEEPS or args.which in BENCHES:  # resumable sweeps take --only/--redo
         module, func, results = SWEEPS.get(args.which) or BENCHES[args.which]
         run = getattr(importlib.import_module(module), func)
         path = run(only=args.only, redo=args.redo) if args.which in SWEEPS else run()
         print(f"saved {path}\n\n{bench.TABLES[results](bench.load_results(results))}")
         return
-    path = bench.bench_rtn(max_windows=args.max_windows or None, seqlen=args.seqlen, device=args.device)
+    windows = 16 if args.max_windows is None else args.max_windows or None
+    path = bench.bench_rtn(max_windows=windows, seqlen=args.seqlen or 2048, device=args.device or "cpu")
     print(f"saved {path}\n\n{bench.rtn_table(bench.load_results('rtn_smollm2'))}")
+
+
+def _subcommand(sub, name: str, help: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with worked examples."""
+    return sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
+
+
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default: fp32 (fp16 for checkpoints on a GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,11 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("memory", help="bytes of a model in each format, and the GPUs that hold it",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
-                           "examples:\n  minquant memory meta-llama/Llama-2-70b-hf\n"
-                           "  minquant memory smollm2-135m --group-size 64 --linears-only\n"
-                           "  minquant memory ./my-model-folder --context 32768 --batch 8"))
+    p = _subcommand(sub, "memory", "bytes of a model in each format, and the GPUs that hold it", [
+        'minquant memory meta-llama/Llama-2-70b-hf',
+        'minquant memory smollm2-135m --group-size 64 --linears-only',
+        'minquant memory ./my-model-folder --context 32768 --batch 8'])
     p.add_argument("model", help="packaged name (smollm2-135m), local folder, or Hugging Face id")
     p.add_argument("--group-size", type=int, default=128, help="group size of integer formats, -1 = per channel")
     p.add_argument("--context", type=int, default=4096, help="tokens held in the KV cache")
@@ -133,14 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linears-only", action="store_true", help="keep embeddings and lm_head in fp16")
     p.set_defaults(func=cmd_memory)
 
-    p = sub.add_parser("quantize", help="quantize a model (RTN, GPTQ or AWQ) and save a GPTQ checkpoint",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
-                           "examples:\n  minquant quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out smollm2-gptq\n"
-                           "  minquant quantize smollm2-135m --method rtn --bits 8 --group-size -1 --out smollm2-w8\n"
-                           "  minquant quantize smollm2-135m --method awq --bits 4 --group-size 64 --out smollm2-awq\n"
-                           "  minquant quantize meta-llama/Llama-3.2-1B --bits 4 --act-order --device cuda --out llama-gptq\n"
-                           "  minquant quantize smollm2-135m --bits 3 --group-size 64 --eval-windows 16 --out w3\n"
-                           "  minquant quantize smollm2-135m --bits-budget 3.5 --group-size 64 --out smollm2-mixed"))
+    p = _subcommand(sub, "quantize", "quantize a model (RTN, GPTQ or AWQ) and save a GPTQ checkpoint", [
+        'minquant quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out smollm2-gptq',
+        'minquant quantize smollm2-135m --method rtn --bits 8 --group-size -1 --out smollm2-w8',
+        'minquant quantize smollm2-135m --method awq --bits 4 --group-size 64 --out smollm2-awq',
+        'minquant quantize meta-llama/Llama-3.2-1B --bits 4 --act-order --device cuda --out llama-gptq',
+        'minquant quantize smollm2-135m --bits 3 --group-size 64 --eval-windows 16 --out w3',
+        'minquant quantize smollm2-135m --bits-budget 3.5 --group-size 64 --out smollm2-mixed'])
     p.add_argument("model", help="packaged name (smollm2-135m), local folder, or Hugging Face id")
     p.add_argument("--out", required=True, help="folder to write the checkpoint to")
     p.add_argument("--method", choices=["gptq", "rtn", "awq"], default="gptq")
@@ -167,34 +225,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-windows", type=int, default=0, help="also score N WikiText-2 test windows of 2048 tokens")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("bench", help="measure and save numbers to data/results/",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
-                           "examples:\n  minquant bench rtn                  # quick CPU protocol: 16 windows\n"
-                           "  minquant bench rtn --max-windows 0 --device cuda   # the full test set\n"
-                           "  minquant bench gptq --only 'fp32' '*W4 g64 sym*'   # part of the GPTQ sweep\n"
-                           "  minquant bench sensitivity          # per-layer proxies vs measured loss (~30 min)\n"
-                           "  minquant bench mixed --only 'mixed 3.297*'   # mixed precision at uniform W3 g64's bytes\n"
-                           "  minquant bench readme               # README tables from data/results/"))
+    p = _subcommand(sub, "bench", "measure and save numbers to data/results/", [
+        'minquant bench rtn                  # quick CPU protocol: 16 windows',
+        'minquant bench rtn --max-windows 0 --device cuda   # the full test set',
+        "minquant bench gptq --only 'fp32' '*W4 g64 sym*'   # part of the GPTQ sweep",
+        'minquant bench sensitivity          # per-layer proxies vs measured loss (~30 min)',
+        "minquant bench mixed --only 'mixed 3.297*'   # mixed precision at uniform W3 g64's bytes",
+        'minquant bench readme               # README tables from data/results/',
+        'minquant bench paper --model facebook/opt-125m --device cuda   # GPTQ paper, Table 3 row',
+        'minquant bench paper --model meta-llama/Llama-3.2-1B --device cuda   # same recipe, our numbers',
+        "minquant bench demo                 # the demo's numbers -> data/results/demo_smollm2.json"])
     p.add_argument("which", choices=["rtn", "gptq", "awq", "sensitivity", "mixed", "calibration", "eightbit", "claims", "packing", "kernels",
-                                          "readme"],
+                                          "paper", "demo", "readme"],
                    help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); gptq: GPTQ vs RTN vs llm-compressor on "
                         "SmolLM2; awq: AWQ vs llm-compressor's AWQ on SmolLM2; sensitivity: per-layer proxies vs "
                         "measured loss; mixed: mixed-precision GPTQ vs uniform; calibration: GPTQ/AWQ by calibration data; eightbit: int8 and fp8 weights; claims: the course's claims vs our numbers; packing: bytes on disk; "
-                        "kernels: the W4A16 kernel on a GPU; readme: README tables from data/results/")
+                        "kernels: the W4A16 kernel on a GPU; paper: the GPTQ paper's protocol on --model (a Table 3 row for "
+                        "OPT-125M); demo: what make demo measures; readme: README tables from data/results/")
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="gptq/awq/mixed/calibration: run only the entries whose label matches "
                    "(e.g. 'GPTQ W4 g64*' 'fp32'); entries already saved are skipped")
     p.add_argument("--redo", action="store_true", help="gptq/awq/mixed/calibration: measure selected entries again even if saved")
-    p.add_argument("--max-windows", type=int, default=16, help="WikiText-2 windows to score; 0 = all")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-windows", type=int, default=None,
+                   help="WikiText-2 windows to score; 0 = all (default: rtn 16, paper all, demo 4)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: rtn 2048, paper the model's)")
+    p.add_argument("--model", default=None, help="paper: Hub id or folder (default facebook/opt-125m); demo: the model")
+    p.add_argument("--n-samples", type=int, default=128, help="paper: C4 calibration windows")
+    p.add_argument("--device", default=None, help="rtn: cpu (default) or cuda; paper: default cuda when there is one")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="the memory table and a generation from the packaged SmolLM2",
-                       epilog="example:\n  minquant demo --max-new-tokens 40",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _subcommand(sub, "demo", "RTN vs GPTQ vs AWQ on the packaged SmolLM2: one table, save, reload, generate", [
+        'minquant demo                       # ~6 min on 2 CPU cores (make demo)',
+        'minquant demo --methods rtn awq --eval-windows 2 --out /tmp/demo',
+        'minquant demo --model Qwen/Qwen2.5-0.5B --group-size 128 --device cuda'])
+    p.add_argument("--model", default="smollm2-135m", help="packaged name, local folder or Hugging Face id")
+    p.add_argument("--out", default="minquant-demo", help="folder for the best checkpoint and demo_results.json")
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"], choices=["rtn", "gptq", "awq"])
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=64, help="64: SmolLM2's hidden 576 is no multiple of 128")
+    p.add_argument("--n-samples", type=int, default=32, help="C4 calibration windows (GPTQ, AWQ)")
+    p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration window")
+    p.add_argument("--eval-windows", type=int, default=4, help="WikiText-2 test windows of 2048 tokens to score")
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--device", default=None, help="where blocks are quantized (cuda, cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
+
+    p = _subcommand(sub, "eval", "perplexity of a model or checkpoint (GPTQ protocol, WikiText-2 test)", [
+        'minquant eval smollm2-135m --max-windows 4',
+        'minquant eval ./smollm2-gptq --max-windows 16      # a checkpoint from minquant quantize',
+        'minquant eval ./llama-gptq --max-windows 0 --device cuda --dtype fp16   # the whole test set',
+        'minquant eval smollm2-135m --text my_corpus.txt --seqlen 512'])
+    p.add_argument("model", help="checkpoint folder, packaged name, local folder or Hugging Face id")
+    p.add_argument("--max-windows", type=int, default=16, help="score only the first N windows; 0 = all")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: the model's, at most 2048)")
+    p.add_argument("--text", default=None, help="score this text file instead of WikiText-2 test")
+    _add_placement(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = _subcommand(sub, "generate", "greedy text from a model or checkpoint", [
+        'minquant generate smollm2-135m --prompt "What is quantization?"',
+        'minquant generate ./smollm2-gptq --max-new-tokens 64',
+        'minquant generate ./smollm2-gptq --no-chat --prompt "The capital of France is"'])
+    p.add_argument("model", help="checkpoint folder, packaged name, local folder or Hugging Face id")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--no-chat", action="store_true", help="plain continuation, no chat template")
+    _add_placement(p)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -6,6 +6,8 @@ Everything here works from a Hugging Face config alone (no weights), so it answe
 70B model fit on my GPU?" in microseconds and offline. The parameter count is exact: the tests
 compare `param_shapes` tensor by tensor against real and randomly initialised models.
 
+`minquant.memory(name_or_config_or_model)` (this module, callable) returns a `MemoryReport`.
+
 Units: bytes are counted exactly; "GB" means 10**9 bytes, as model sizes are usually quoted
 (Llama-2-70B: 68.98e9 parameters * 4 bytes = 275.9 GB in fp32, the "280 GB" of folklore).
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+import types
 from dataclasses import dataclass
 
 from minquant.quant import groups_per_row
@@ -294,3 +298,57 @@ def memory_table(cfg, name: str = "", group_size: int = 128, context: int = 4096
               f"decode bound = bandwidth ({gpu_for_speed.bandwidth_gbs:g} GB/s) / bytes read per step "
               f"(all weights + KV cache) x batch {batch}"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# `minquant.memory(...)`: the module is also callable, as the front door's fifth verb
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MemoryReport:
+    name: str
+    params: int
+    formats: dict[str, WeightBytes]  # predicted bytes per format, from the config alone
+    kv_cache: int  # bytes at the report's context and batch
+    table: str  # what `minquant memory MODEL` prints
+    measured: int | None = None  # bytes a given model really holds (parameters + buffers)
+
+    def __str__(self) -> str:
+        if self.measured is None:
+            return self.table
+        return self.table + f"\nmeasured: the given model holds {self.measured:,} bytes in parameters and buffers"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # Jupyter shows the table, not a dataclass dump
+        printer.text(str(self))
+
+
+def report(config_or_model, group_size: int = 128, context: int = 4096, batch: int = 1,
+           linears_only: bool = False) -> MemoryReport:
+    """Bytes per format for a model name (packaged, folder, Hub id), an HF config, or a loaded model;
+    a loaded model (float or quantized) also gets its measured bytes. Printing it shows the table."""
+    measured = None
+    if isinstance(config_or_model, str):
+        from minquant.models import load_config
+
+        name, cfg = config_or_model, load_config(config_or_model)
+    elif hasattr(config_or_model, "parameters") and hasattr(config_or_model, "config"):
+        name, cfg, measured = "", config_or_model.config, module_bytes(config_or_model)
+    elif hasattr(config_or_model, "model_type"):
+        name, cfg = "", config_or_model
+    else:
+        raise TypeError(f"expected a model name, a transformers config or a model, got {type(config_or_model).__name__}")
+    formats = {fmt: weight_bytes(cfg, fmt, group_size, linears_only=linears_only) for fmt in FORMAT_BITS}
+    return MemoryReport(name or getattr(cfg, "_name_or_path", "") or cfg.model_type, count_params(cfg), formats,
+                        kv_cache_bytes(cfg, context, batch),
+                        memory_table(cfg, name, group_size, context, batch, linears_only), measured)
+
+
+class _CallableModule(types.ModuleType):
+    """`minquant.memory("meta-llama/Llama-2-70b-hf")` calls `report`, while `minquant.memory.weight_bytes`
+    and `from minquant.memory import ...` keep working: one name for the idea, module and verb."""
+
+    def __call__(self, *args, **kwargs) -> MemoryReport:
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

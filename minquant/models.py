@@ -98,6 +98,9 @@ def load_config(name_or_path: str):
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load `(model, tokenizer)` in eval mode from a packaged name, local folder or Hub id.
 
+    The model also carries its tokenizer as `model.tokenizer`, so `minquant.quantize`,
+    `minquant.evaluate` and `minquant.save` find it without being told.
+
     Causal LMs come as `AutoModelForCausalLM`, encoders (MiniLM) as `AutoModel`. GGUF weights are
     dequantized to `dtype` and the GGUF marker is removed, so the model behaves (and saves) like
     any float model.
@@ -113,6 +116,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         # transformers marks GGUF-loaded models as quantized, which blocks .half(), .to(dtype) and
         # save_pretrained; the weights are plain floats by now, so drop the marker.
         model.hf_quantizer.remove_quantization_config(model)
+    model.tokenizer = tokenizer
     return model.to(device).eval(), tokenizer
 
 

@@ -10,7 +10,7 @@ the weights for real: each nn.Linear becomes a QuantLinear in the GPTQ layout (n
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -79,8 +79,3 @@ def _quantize_linears(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...],
             linear.weight.data = w_hat
         report.append(LayerReport(name, tuple(w.shape), mse(w, w_hat), sqnr_db(w, w_hat), max_abs_error(w, w_hat)))
     return report
-
-
-def report_rows(report: list[LayerReport]) -> list[dict]:
-    """The report as plain dicts (for JSON, or a table)."""
-    return [asdict(r) for r in report]

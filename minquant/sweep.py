@@ -1,4 +1,4 @@
-"""The machinery of `minquant bench gptq|awq`: a sweep of entries measured side by side on SmolLM2.
+"""The machinery of `minquant bench gptq|awq|mixed|calibration` (notebooks 07-09): entries measured side by side on SmolLM2.
 
 Every entry is saved as soon as it is measured (data/results/<name>.json), and a re-run skips
 entries already there unless `redo`, so a sweep can be spread over several sittings; `only` picks

@@ -39,3 +39,21 @@ def tiny_llama():
     cfg = T.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     return T.LlamaForCausalLM(cfg).eval()
+
+
+def save_tiny(model, tokenizer, folder):
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory, minilm_tokenizer):
+    """A random 2-block Llama saved with a real tokenizer (MiniLM's): loads by path like any Hub model."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=len(minilm_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                        max_position_embeddings=256)
+    return save_tiny(T.LlamaForCausalLM(cfg).eval(), minilm_tokenizer, tmp_path_factory.mktemp("tiny-llama"))

@@ -147,3 +147,75 @@ def test_gptq_on_opt_and_on_a_bert_encoder():
     with torch.no_grad():
         after = minilm(**batch).last_hidden_state
     assert torch.nn.functional.cosine_similarity(after.mean(1), before.mean(1)).min() > 0.9
+
+
+def test_front_door_by_name_save_load_evaluate(tiny_llama_folder, tmp_path):
+    """quantize(name) -> save -> load gives the same logits and the same perplexity, with the tokenizer carried."""
+    model = minquant.quantize(str(tiny_llama_folder), "rtn", bits=4, group_size=32, progress=False)
+    assert model.tokenizer is not None
+    out = minquant.save(model, tmp_path / "q", dtype=torch.float32)
+    loaded = minquant.load(out)
+    assert loaded.tokenizer.vocab == model.tokenizer.vocab and next(loaded.parameters()).dtype == torch.float32
+    x = ids(2, 16, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    a = minquant.evaluate(model, text, seqlen=32, progress=False)
+    b = minquant.evaluate(loaded, text, seqlen=32, progress=False)
+    assert a.ppl == pytest.approx(b.ppl, rel=1e-5) and a.windows == b.windows > 1
+
+
+def test_front_door_errors_are_clear(tiny_llama):
+    with pytest.raises(TypeError, match="expected a model .* or a model name, got int"):
+        minquant.quantize(123, "rtn")
+    with pytest.raises(ValueError, match="a tokenizer is needed"):
+        minquant.evaluate(tiny_llama, "some text")
+    with pytest.raises(ValueError, match="no QuantLinear layers: quantize it first"):
+        minquant.save(tiny_llama, "/tmp/never-written")
+
+
+def test_memory_is_a_callable_module(tiny_llama):
+    from minquant.memory import MemoryReport, weight_bytes
+
+    r = minquant.memory(tiny_llama.config, group_size=32)
+    assert isinstance(r, MemoryReport) and r.measured is None and minquant.memory.weight_bytes is weight_bytes
+    assert r.params == sum(p.numel() for p in tiny_llama.parameters())  # tied embedding counted once
+    assert r.formats["int4"] == weight_bytes(tiny_llama.config, "int4", 32)
+    assert "int4" in str(r) and "KV cache" in str(r)
+    rotary = sum(b.numel() * b.element_size() for b in tiny_llama.buffers())  # inv_freq
+    assert minquant.memory(tiny_llama, group_size=32).measured == sum(p.numel() * 4 for p in tiny_llama.parameters()) + rotary
+    minquant.quantize(tiny_llama, "rtn", bits=4, group_size=32, progress=False)
+    measured = sum(t.numel() * t.element_size() for t in [*tiny_llama.parameters(), *tiny_llama.buffers()]
+                   if t.data_ptr() != tiny_llama.lm_head.weight.data_ptr() or t is tiny_llama.lm_head.weight)
+    assert minquant.memory(tiny_llama, group_size=32).measured == measured
+    with pytest.raises(TypeError, match="expected a model name, a transformers config or a model, got int"):
+        minquant.memory(7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_front_door_on_a_gpu(tmp_path):
+    """Each method quantizes block by block on the GPU; the checkpoint loads onto it (fp16, the Triton
+    kernel) and scores what the fp32 model scores on the CPU; it generates; the CUDA peak is measured."""
+    import copy
+
+    import transformers as T
+
+    from minquant.compare import PeakMemory
+
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    calib = torch.randint(0, 512, (8, 64))
+    text = torch.randint(0, 512, (1, 512))
+    for method in ("rtn", "gptq", "awq"):
+        q = minquant.quantize(copy.deepcopy(model), method, group_size=64, calib=calib, device="cuda", progress=False)
+        cpu_ppl = minquant.evaluate(q, text, seqlen=128, progress=False).ppl
+        out = minquant.save(q, tmp_path / method)
+        with PeakMemory("cuda") as peak:
+            on_gpu = minquant.load(out, device="cuda")
+        assert peak.bytes > 0 and all(t.is_cuda for t in on_gpu.buffers())
+        assert next(on_gpu.parameters()).dtype == torch.float16
+        assert minquant.evaluate(on_gpu, text, seqlen=128, progress=False).ppl == pytest.approx(cpu_ppl, rel=1e-2)
+        with torch.no_grad():
+            assert on_gpu.generate(text[:, :8].cuda(), max_new_tokens=4, do_sample=False).shape == (1, 12)

@@ -23,7 +23,7 @@ def test_readme_tables_are_the_results_files():
             assert f"<!-- results:{name} -->" not in readme, f"README has a table for {name} but no results file"
             continue
         assert bench.readme_block(name) in readme, f"README is stale: run `minquant bench readme` ({name})"
-    for path in bench.RESULTS_DIR.glob("kernels_*.json"):  # one per GPU measured
+    for path in [*bench.RESULTS_DIR.glob("kernels_*.json"), *bench.RESULTS_DIR.glob("paper_*.json")]:  # per GPU, per model
         assert bench.readme_block(path.stem) in readme, f"README is stale: run `minquant bench readme` ({path.stem})"
 
 

@@ -1,4 +1,4 @@
-"""`minquant bench kernels`: the W4A16 kernel against fp16 cuBLAS and torch's int4 kernel, on a GPU.
+"""`minquant bench kernels`: the W4A16 kernel against fp16 cuBLAS and torch's int4 kernel, on a GPU (notebook 06).
 
 One script, nothing to install (the GPU machine has torch and Triton): it checks correctness at
 full size, sweeps batch sizes and layer shapes, measures the card's copy bandwidth, times decoding

@@ -1,5 +1,6 @@
-"""Other tools run side by side with minquant in `minquant bench` (each in its own venv: they pin
-versions of transformers that minquant's environment does not use). Not imported by minquant itself."""
+"""Other tools run side by side with minquant in `minquant bench` (notebooks 07-08 show the results;
+each in its own venv: they pin versions of transformers that minquant's environment does not use).
+Not imported by minquant itself."""
 
 
 def peak_rss_bytes() -> int:

@@ -1,4 +1,4 @@
-"""HQQ (half-quadratic quantization) on the same model and evaluation as `minquant bench gptq`.
+"""HQQ (half-quadratic quantization) on the same model and evaluation as `minquant bench gptq` (notebook 07's table).
 
 HQQ needs no calibration data: it fits each group's scale and float zero point to the weights
 alone, by a few steps of a proximal solver on a sparsity-promoting ||W - dequant(quant(W))||_p

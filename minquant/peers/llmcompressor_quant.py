@@ -1,5 +1,7 @@
 """llm-compressor's GPTQ or AWQ on the same model, calibration windows and evaluation as `minquant bench gptq|awq`.
 
+Notebooks 07 and 08 compare with it.
+
 Run inside llm-compressor's own venv (the bench builds it):
     python -m minquant.peers.llmcompressor_quant --method gptq --bits 4 --group-size 64 --sym --out result.json
 Prints nothing the bench needs; writes one JSON object: perplexity, quantization seconds, peak RSS.

@@ -1,0 +1,74 @@
+"""`minquant bench paper`: the GPTQ paper's protocol runs end to end on random-init OPT, Llama and Qwen2 models."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import save_tiny
+from minquant.paper import PAPER_ROWS, bench_paper, paper_table, results_name
+
+
+def tiny_model(family: str, vocab: int):
+    import transformers as T
+
+    torch.manual_seed(0)
+    if family == "opt":
+        return T.OPTForCausalLM(T.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                            num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=256))
+    kind = {"llama": (T.LlamaConfig, T.LlamaForCausalLM), "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM)}[family]
+    return kind[1](kind[0](vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+
+
+def wikitext_ppl_float64(folder, seqlen: int, windows: int) -> float:
+    """The float model's perplexity on the first windows, computed independently in float64."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minquant.data import load_text
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    ids = AutoTokenizer.from_pretrained(folder)(load_text("wikitext2", "test"), return_tensors="pt").input_ids
+    nll = 0.0
+    with torch.no_grad():
+        for i in range(windows):
+            w = ids[:, i * seqlen:(i + 1) * seqlen]
+            nll -= torch.log_softmax(model(w).logits[0, :-1], -1).gather(1, w[0, 1:, None]).sum().item()
+    return math.exp(nll / (windows * (seqlen - 1)))
+
+
+def test_opt_125m_command_end_to_end(minilm_tokenizer, tmp_path, monkeypatch, capsys):
+    """`minquant bench paper --model facebook/opt-125m`, with a random-init OPT standing in at that path."""
+    import minquant.bench
+    from minquant.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(minquant.bench, "RESULTS_DIR", tmp_path / "results")
+    folder = save_tiny(tiny_model("opt", len(minilm_tokenizer)), minilm_tokenizer, tmp_path / "facebook" / "opt-125m")
+    assert main(["bench", "paper", "--model", "facebook/opt-125m", "--max-windows", "2", "--seqlen", "64",
+                 "--n-samples", "4", "--device", "cpu"]) == 0
+    record = json.loads((tmp_path / "results" / "paper_facebook_opt_125m.json").read_text())
+    results = record["results"]
+    assert list(results) == ["fp32", "RTN W4", "GPTQ W4", "RTN W3", "GPTQ W3"]
+    assert results["fp32"]["ppl"] == pytest.approx(wikitext_ppl_float64(folder, 64, 2), rel=1e-4)
+    assert {k: v["paper"] for k, v in results.items()} == {"fp32": 27.65, "RTN W4": 37.28, "GPTQ W4": 31.12,
+                                                           "RTN W3": None, "GPTQ W3": 53.85}
+    assert all(math.isfinite(v["ppl"]) and v["ppl"] != results["fp32"]["ppl"] for k, v in results.items() if k != "fp32")
+    assert record["protocol"]["calibration"] == {"source": "c4", "n_samples": 4, "seqlen": 64, "seed": 0}
+    assert "| GPTQ W4 | " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_recipe_for_other_families(family, minilm_tokenizer, tmp_path):
+    folder = save_tiny(tiny_model(family, len(minilm_tokenizer)), minilm_tokenizer, tmp_path / family)
+    path = bench_paper(str(folder), device="cpu", n_samples=2, seqlen=32, max_windows=1, out=tmp_path / "r.json",
+                       progress=False)
+    record = json.loads(path.read_text())
+    assert record["protocol"]["reference"] == "none published"
+    assert all(r["paper"] is None and math.isfinite(r["ppl"]) for r in record["results"].values())
+    assert "| RTN W3 |" in paper_table(record) and str(folder) in paper_table(record)
+
+
+def test_the_reference_row_and_names():
+    assert PAPER_ROWS["facebook/opt-125m"] == {"fp16": 27.65, "RTN W4": 37.28, "GPTQ W4": 31.12, "GPTQ W3": 53.85}
+    assert results_name("meta-llama/Llama-3.2-1B") == "paper_meta_llama_llama_3_2_1b"
