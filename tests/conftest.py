@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The packaged SmolLM2-135M in fp32 (about 20 s to load): shared by every test that needs it."""
+    """The packaged SmolLM2-135M in fp32 (about 30 s the first time, then from its cache): shared by every test."""
     from minquant.models import load_model
 
     return load_model("smollm2-135m")

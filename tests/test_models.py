@@ -92,3 +92,29 @@ def test_which_models_get_an_lm_head():
     assert not models.is_causal_lm(load_config("minilm-l6"))  # ["BertModel"]: an encoder
     assert models.is_causal_lm(T.GPT2Config(architectures=["GPT2LMHeadModel"]))
     assert models.is_causal_lm(load_config("facebook/opt-125m"))
+
+
+@pytest.mark.slow
+def test_packaged_gguf_cache_holds_the_same_model(smollm2, monkeypatch):
+    """The dequantized cache against transformers' own GGUF load: weights bit for bit, tokens, chat text, config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minquant.data import load_text
+    from minquant.models import _resolve, cache_folder
+
+    model, tokenizer = smollm2
+    assert (cache_folder("smollm2-135m") / "model.safetensors").is_file()  # written by the first load
+    source, extra = _resolve("smollm2-135m")
+    raw = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **extra)
+    raw_tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    ours, theirs = model.state_dict(), raw.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    text = load_text("wikitext2", "test")[:20000]
+    assert tokenizer(text).input_ids == raw_tokenizer(text).input_ids
+    chat = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert (tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            == raw_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+    assert model.config.tie_word_embeddings == raw.config.tie_word_embeddings
+    assert model.generation_config.to_dict() == raw.generation_config.to_dict()
+    monkeypatch.setenv("MINQUANT_CACHE", "off")
+    assert cache_folder("smollm2-135m") is None
