@@ -149,7 +149,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.which == "demo":  # the demo's table, generations and per-layer errors, for notebook 10 and the README
         from minquant.compare import demo
 
-        record = demo(args.model or "smollm2-135m", "/tmp/minquant-bench-demo", eval_windows=args.max_windows or 4)
+        import tempfile
+
+        record = demo(args.model or "smollm2-135m", tempfile.mkdtemp(prefix="minquant-bench-demo-"),
+                      eval_windows=args.max_windows or 4)
         path = bench.save_results("demo_smollm2", {k: record.pop(k) for k in ("model", "bits", "group_size", "calibration", "eval")}, record)
         print(f"saved {path}")
         return

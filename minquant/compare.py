@@ -215,8 +215,7 @@ def demo(model_name: str = "smollm2-135m", out_dir: str = "minquant-demo", *, me
     entries, best = compare(model, methods=methods, bits=bits, group_size=group_size, n_samples=n_samples,
                             seqlen=seqlen, eval_windows=eval_windows, eval_seqlen=eval_seqlen, device=device,
                             progress=progress)
-    quantized = [e for e in entries if e.method != entries[0].method]
-    best_entry = min(quantized, key=lambda e: e.ppl)
+    best_entry = min(entries[1:], key=lambda e: e.ppl)  # the entry of the model compare returned
     seqlen_used = eval_seqlen or default_seqlen(model)
     print(f"\n{model_name}: W{bits} g{group_size}, calibration C4 {n_samples}x{seqlen} (RTN uses none), "
           f"perplexity on the first {eval_windows} WikiText-2 test windows of {seqlen_used} tokens\n")
