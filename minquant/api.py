@@ -52,7 +52,7 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; minquant has: {', '.join(METHODS)}")
     model = _as_model(model)
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    tokenizer = tokenizer_of(model, tokenizer)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
     gptq_only = {"act_order": act_order, "static_groups": static_groups, "search_range": search_range,
@@ -131,6 +131,11 @@ def calibration_data(calib: str | torch.Tensor, tokenizer, n_samples: int, seqle
     return calibration_windows(calib, tokenizer, n=n_samples, seqlen=seqlen, seed=seed)
 
 
+def tokenizer_of(model, tokenizer=None):
+    """The tokenizer given, else the one minquant's loaders left on the model (`model.tokenizer`)."""
+    return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+
+
 def _as_model(model_or_name):
     """A module as is; a name (packaged, folder, Hub id) loaded in fp32 with its tokenizer attached."""
     if isinstance(model_or_name, (str, os.PathLike)):
@@ -152,7 +157,7 @@ def save(model, out_dir: str | os.PathLike, *, tokenizer=None, dtype: torch.dtyp
     """
     from minquant.checkpoint import save_quantized
 
-    out = save_quantized(model, tokenizer if tokenizer is not None else getattr(model, "tokenizer", None), out_dir, dtype)
+    out = save_quantized(model, tokenizer_of(model, tokenizer), out_dir, dtype)
     if getattr(model, "awq_search", None) is not None:
         model.awq_search.save(out / "awq_search.safetensors")
     if getattr(model, "mixed_plan", None) is not None:
@@ -180,5 +185,5 @@ def evaluate(model, data: str | torch.Tensor = "wikitext2", *, tokenizer=None, s
     scores only the first windows (a quick slice: say so when you quote it)."""
     from minquant.eval import perplexity
 
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    tokenizer = tokenizer_of(model, tokenizer)
     return perplexity(model, tokenizer, data, seqlen=seqlen, max_windows=max_windows, progress=progress)

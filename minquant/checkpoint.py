@@ -155,6 +155,11 @@ def weight_files(folder: str | Path) -> list[Path]:
     return [f for f in sorted(Path(folder).glob("*.safetensors")) if f.name != "awq_search.safetensors"]
 
 
+def disk_bytes(folder: str | Path) -> int:
+    """Bytes the checkpoint's weight files take on disk (what a user downloads)."""
+    return sum(f.stat().st_size for f in weight_files(folder))
+
+
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     files = weight_files(folder)
     if not files:

@@ -61,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     import minquant
-    from minquant.checkpoint import weight_files
+    from minquant.checkpoint import disk_bytes
 
     print(f"loading {args.model} ...", flush=True)
     model = load_any(args.model)
@@ -78,7 +78,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         plan = model.mixed_plan
         print(f"mixed precision: {plan.bits_per_weight:.3f} bits per weight (budget {args.bits_budget}); layers per config: "
               + ", ".join(f"{label} {n}" for label, n in plan.counts().items()))
-    size = sum(f.stat().st_size for f in weight_files(out))
+    size = disk_bytes(out)
     scheme = f"mixed {model.mixed_plan.bits_per_weight:.2f} bits/weight" if args.bits_budget is not None else f"W{args.bits} g{args.group_size}"
     print(f"\n{args.method.upper()} {scheme}{' sym' if args.sym else ''}"
           f"{' act-order' if args.act_order else ''}: quantized in {seconds:.1f} s; "

@@ -40,24 +40,35 @@ class Entry:
 
 
 class PeakMemory:
-    """`with PeakMemory(device) as peak: ...` then `peak.bytes`: the peak while inside (None where unmeasurable)."""
+    """`with PeakMemory(device) as peak: ...` then `peak.bytes`: the peak while inside (None where unmeasurable).
+
+    On a GPU, the CUDA allocator's peak. On Linux, the process's peak resident memory (VmHWM), reset
+    to the current RSS on entry: what the OS saw, so memory the allocator already held and reuses
+    counts once. Where the reset is refused, `bytes` stays None: the process's lifetime peak would
+    be a wrong answer, not a rough one.
+    """
 
     def __init__(self, device=None):
         self.cuda = device is not None and torch.device(device).type == "cuda"
         self.bytes = None
+        self._reset = False
 
     def __enter__(self):
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
+            self._reset = True
         else:
             try:  # "5" resets the peak RSS (VmHWM) to the current RSS: Linux only
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
+                self._reset = True
             except OSError:
                 pass
         return self
 
     def __exit__(self, *exc):
+        if not self._reset:
+            return
         if self.cuda:
             self.bytes = torch.cuda.max_memory_allocated()
             return
@@ -123,11 +134,11 @@ def compare(model, tokenizer=None, methods=("rtn", "gptq", "awq"), *, bits: int 
     """Quantize copies of the float `model` with each method; returns the entries (float first)
     and the quantized model with the lowest perplexity. The float model is left unchanged."""
     import minquant
-    from minquant.api import calibration_data
+    from minquant.api import calibration_data, tokenizer_of
     from minquant.data import load_text
     from minquant.eval import default_seqlen, eval_ids
 
-    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    tokenizer = tokenizer_of(model, tokenizer)
     if tokenizer is None:
         raise ValueError("compare needs the model's tokenizer (tokenizer=...)")
     unknown = [m for m in methods if m not in minquant.api.METHODS]
@@ -206,7 +217,7 @@ def demo(model_name: str = "smollm2-135m", out_dir: str = "minquant-demo", *, me
     as good as long ones for GPTQ on SmolLM2 (better, at W3) and AWQ within a few percent, at a
     quarter of the time, which keeps the demo near 5 minutes on 2 cores."""
     import minquant
-    from minquant.checkpoint import weight_files
+    from minquant.checkpoint import disk_bytes
     from minquant.eval import default_seqlen
 
     start = time.perf_counter()
@@ -222,7 +233,7 @@ def demo(model_name: str = "smollm2-135m", out_dir: str = "minquant-demo", *, me
     print(table(entries))
 
     out = minquant.save(best, out_dir)
-    disk = sum(f.stat().st_size for f in weight_files(out))
+    disk = disk_bytes(out)
     reloaded = minquant.load(out)
     probe = minquant.api.calibration_data("wikitext2", model.tokenizer, 1, 64, 0)
     with torch.inference_mode():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from minquant.checkpoint import disk_bytes
 from minquant.cli import main
 
 
@@ -62,8 +63,11 @@ def test_quantize_eval_generate_on_a_folder(tiny_llama_folder, tmp_path, capsys)
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_llama_folder), "--method", "awq", "--group-size", "32", "--n-samples", "4",
                  "--seqlen", "32", "--out", str(out)]) == 0
-    assert "AWQ W4 g32: quantized in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "AWQ W4 g32: quantized in" in printed
     assert (out / "awq_search.safetensors").is_file()  # the search, beside the weights
+    weights = (out / "model.safetensors").stat().st_size  # the only weight file: a tiny model is one shard
+    assert disk_bytes(out) == weights and f"({weights / 1e6:.1f} MB of weights)" in printed
 
     assert main(["eval", str(out), "--max-windows", "2", "--seqlen", "64"]) == 0
     printed = capsys.readouterr().out

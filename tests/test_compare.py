@@ -1,6 +1,8 @@
 """minquant.compare: the end-to-end comparison and the demo, on a tiny random Llama with a real tokenizer."""
 import copy
 import math
+import mmap
+import os
 
 import pytest
 import torch
@@ -70,12 +72,44 @@ def test_layer_errors_zero_for_the_same_model_and_shrink_with_bits(tiny):
     assert all(errors[8][k] < errors[2][k] / 20 for k in errors[2])  # ~6 dB per bit: 6 bits >> 20x
 
 
-def test_peak_memory_sees_a_temporary_allocation():
+def touch_fresh_pages(n_bytes: int) -> None:
+    """Take n_bytes of new pages from the OS, write each, give them back.
+
+    An anonymous mmap of its own, not a tensor: malloc may serve a tensor from heap memory that is
+    already resident (left free by earlier tests), which raises no RSS peak at all.
+    """
+    buf = mmap.mmap(-1, n_bytes)
+    for i in range(0, n_bytes, mmap.PAGESIZE):
+        buf[i] = 1
+    buf.close()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc")
+def test_peak_memory_sees_a_temporary_allocation_and_not_an_earlier_one():
+    touch_fresh_pages(800_000_000)  # a higher peak before the block: the reset must forget it
     with PeakMemory() as peak:
-        x = torch.ones(100_000_000)  # 400 MB, freed before the block ends
-        del x
-    rss = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
-    assert peak.bytes >= 400e6 and peak.bytes - rss >= 0.9 * 400e6
+        touch_fresh_pages(400_000_000)  # freed before the block ends
+    above_now = peak.bytes - rss_bytes()
+    assert 0.9 * 400e6 <= above_now < 600e6, above_now
+
+
+def test_peak_memory_says_none_where_the_peak_cannot_be_reset(monkeypatch):
+    real_open = open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).endswith("clear_refs"):
+            raise PermissionError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    with PeakMemory() as peak:
+        pass
+    assert peak.bytes is None  # not the process's lifetime peak
 
 
 def test_compare_refuses_unknown_methods_and_models_without_a_tokenizer(tiny, tiny_llama):
