@@ -160,15 +160,15 @@ def compare(model, tokenizer=None, methods=("rtn", "gptq", "awq"), *, bits: int 
     best = None
     for method in methods:
         q = copy.deepcopy(model)
+        label = f"{method.upper()} W{bits} g{group_size}{' sym' if sym else ''}"
         if progress:
-            print(f"{method.upper()} W{bits} g{group_size}{' sym' if sym else ''} ...", flush=True)
+            print(f"{label} ...", flush=True)
         with PeakMemory(device) as peak:
             start = time.perf_counter()
             minquant.quantize(q, method, tokenizer=tokenizer, bits=bits, group_size=group_size, sym=sym,
                               calib=windows if windows is not None else calib, seed=seed, device=device,
                               progress=progress)
             seconds = time.perf_counter() - start
-        label = f"{method.upper()} W{bits} g{group_size}{' sym' if sym else ''}"
         entry = Entry(label, method, module_bytes(q), block_linear_bytes(q), score(q), seconds, peak.bytes,
                       layer_errors(reference, q, error_ids))
         entries.append(entry)

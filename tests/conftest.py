@@ -1,3 +1,5 @@
+import copy
+import math
 import os
 
 import pytest
@@ -57,3 +59,18 @@ def tiny_llama_folder(tmp_path_factory, minilm_tokenizer):
                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                         max_position_embeddings=256)
     return save_tiny(T.LlamaForCausalLM(cfg).eval(), minilm_tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+def float64_ppl(model, ids: torch.Tensor, seqlen: int, windows: int) -> tuple[float, int]:
+    """Perplexity computed independently of minquant.eval, the reference the tests compare with:
+    a float64 copy of the model, window by window, -log p(token t | tokens < t) summed over the
+    windows' predicted tokens, averaged, exp. Returns (ppl, predicted tokens)."""
+    model64 = copy.deepcopy(model).double()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for w in range(windows):
+            x = ids[:, w * seqlen:(w + 1) * seqlen]
+            logp = torch.log_softmax(model64(x).logits[0, :-1], dim=-1)
+            nll -= logp.gather(1, x[0, 1:, None]).sum().item()
+            count += seqlen - 1
+    return math.exp(nll / count), count

@@ -1,6 +1,5 @@
 """minquant.compare: the end-to-end comparison and the demo, on a tiny random Llama with a real tokenizer."""
 import copy
-import math
 import mmap
 import os
 
@@ -9,21 +8,9 @@ import torch
 from torch import nn
 
 import minquant
+from conftest import float64_ppl
 from minquant.compare import PeakMemory, compare, demo, layer_errors, layer_outputs
 from minquant.nn import QuantLinear
-
-
-def float64_ppl(model, ids: torch.Tensor, seqlen: int) -> float:
-    """Perplexity computed independently: float64 log-softmax, window by window."""
-    model64 = copy.deepcopy(model).double()
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(ids.shape[1] // seqlen):
-            w = ids[:, i * seqlen:(i + 1) * seqlen]
-            logp = torch.log_softmax(model64(w).logits[0, :-1], dim=-1)
-            nll -= logp.gather(1, w[0, 1:, None]).sum().item()
-            n += seqlen - 1
-    return math.exp(nll / n)
 
 
 def quant_linear_bytes(K: int, N: int, bits: int, group_size: int) -> int:
@@ -46,7 +33,7 @@ def test_compare_measures_bytes_ppl_and_errors(tiny):
                             eval_windows=2, eval_seqlen=128, error_tokens=64, progress=False)
     assert [e.method for e in entries] == ["fp32", "rtn", "gptq", "awq"]
     ids = eval_ids(load_text("wikitext2", "test"), tiny.tokenizer)[:, :256]
-    assert entries[0].ppl == pytest.approx(float64_ppl(tiny, ids, 128), rel=1e-4)
+    assert entries[0].ppl == pytest.approx(float64_ppl(tiny, ids, 128, 2)[0], rel=1e-4)
     linears = [m for m in tiny.model.layers.modules() if isinstance(m, nn.Linear)]
     assert entries[0].linear_bytes == sum(m.weight.numel() * 4 for m in linears)
     for e in entries[1:]:
@@ -56,7 +43,7 @@ def test_compare_measures_bytes_ppl_and_errors(tiny):
                                  ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
         assert all(0 < v < 1 for v in e.errors.values()) and e.seconds > 0 and e.peak_bytes > 0
-    assert min(entries[1:], key=lambda e: e.ppl).ppl == pytest.approx(float64_ppl(best, ids, 128), rel=1e-3)
+    assert min(entries[1:], key=lambda e: e.ppl).ppl == pytest.approx(float64_ppl(best, ids, 128, 2)[0], rel=1e-3)
     assert any(isinstance(m, QuantLinear) for m in best.modules())
     assert not any(isinstance(m, QuantLinear) for m in tiny.modules())  # the float model is left as it was
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers as T
 
+from conftest import float64_ppl
 from minquant.eval import perplexity
 
 
@@ -16,27 +17,10 @@ def tiny_lm():
     return T.LlamaForCausalLM(cfg).eval()
 
 
-def reference_ppl(model, ids, seqlen, windows):
-    """float64, token by token: -log p(token t | tokens < t), summed over windows, averaged, exp."""
-    model = model.double()
-    try:
-        nll, count = 0.0, 0
-        for w in range(windows):
-            x = ids[:, w * seqlen:(w + 1) * seqlen]
-            with torch.no_grad():
-                logp = torch.log_softmax(model(x).logits[0].double(), dim=-1)
-            for t in range(1, seqlen):
-                nll -= logp[t - 1, x[0, t]].item()
-                count += 1
-        return math.exp(nll / count), count
-    finally:
-        model.float()
-
-
 def test_matches_float64_reference(tiny_lm):
     ids = torch.randint(0, 97, (1, 16 * 5 + 7), generator=torch.Generator().manual_seed(1))
     r = perplexity(tiny_lm, data=ids, seqlen=16, progress=False)
-    ppl, count = reference_ppl(tiny_lm, ids, 16, 5)
+    ppl, count = float64_ppl(tiny_lm, ids, 16, 5)
     assert (r.windows, r.tokens, r.seqlen) == (5, count, 16)  # the 7-token tail is dropped
     assert r.ppl == pytest.approx(ppl, rel=1e-5) and r.nll == pytest.approx(math.log(ppl), rel=1e-5)
 
@@ -45,7 +29,7 @@ def test_max_windows_and_default_seqlen(tiny_lm):
     ids = torch.randint(0, 97, (1, 64 * 3), generator=torch.Generator().manual_seed(2))
     r = perplexity(tiny_lm, data=ids, max_windows=2, progress=False)
     assert (r.seqlen, r.windows) == (64, 2)  # min(2048, max_position_embeddings)
-    assert r.ppl == pytest.approx(reference_ppl(tiny_lm, ids, 64, 2)[0], rel=1e-5)
+    assert r.ppl == pytest.approx(float64_ppl(tiny_lm, ids, 64, 2)[0], rel=1e-5)
 
 
 def test_errors(tiny_lm):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import save_tiny
+from conftest import float64_ppl, save_tiny
 from minquant.paper import PAPER_ROWS, bench_paper, paper_table, results_name
 
 
@@ -22,19 +22,14 @@ def tiny_model(family: str, vocab: int):
 
 
 def wikitext_ppl_float64(folder, seqlen: int, windows: int) -> float:
-    """The float model's perplexity on the first windows, computed independently in float64."""
+    """The saved float model's perplexity on the first WikiText-2 test windows, by the float64 reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from minquant.data import load_text
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = AutoTokenizer.from_pretrained(folder)(load_text("wikitext2", "test"), return_tensors="pt").input_ids
-    nll = 0.0
-    with torch.no_grad():
-        for i in range(windows):
-            w = ids[:, i * seqlen:(i + 1) * seqlen]
-            nll -= torch.log_softmax(model(w).logits[0, :-1], -1).gather(1, w[0, 1:, None]).sum().item()
-    return math.exp(nll / (windows * (seqlen - 1)))
+    return float64_ppl(model, ids, seqlen, windows)[0]
 
 
 def test_opt_125m_command_end_to_end(minilm_tokenizer, tmp_path, monkeypatch, capsys):
