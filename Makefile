@@ -2,6 +2,7 @@
 #   make demo   create .venv, install, run `minquant demo`
 #   make test   the same set-up, then pytest and nbval over every notebook
 #   make lab    JupyterLab in notebooks/
+#   make test-portable   the notebooks under nbval once per CPU rounding (run before a notebook lands)
 # VENV=path uses another environment (e.g. one with your own CUDA torch): its torch is kept.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -28,7 +29,7 @@ ifdef MINQUANT_DATA
 export MINQUANT_DATA := $(abspath $(MINQUANT_DATA))
 endif
 
-.PHONY: setup demo test lab clean
+.PHONY: setup demo test test-portable lab clean
 
 setup: $(STAMP)
 
@@ -56,8 +57,31 @@ $(LOADER_STAMP):
 demo: setup
 	$(VENV)/bin/minquant demo
 
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
 test: setup $(if $(VERIFY_LOADERS),$(LOADER_STAMP))
-	$(if $(VERIFY_LOADERS),MINQUANT_GPTQMODEL_PYTHON=$(CURDIR)/$(LOADER_VENV)/bin/python) $(PY) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg $(PYTEST_ARGS)
+	$(if $(VERIFY_LOADERS),MINQUANT_GPTQMODEL_PYTHON=$(CURDIR)/$(LOADER_VENV)/bin/python) $(PY) -m pytest $(NBVAL) $(PYTEST_ARGS)
+
+# CI machines are not all of one CPU: torch, MKL and oneDNN pick other vector kernels on AVX2 and
+# AVX-512, and the last digits of float results move. test-portable runs every notebook under nbval
+# three times, with the machine's own kernels, forced to AVX2, and forced to the plain (non-vector)
+# ones, so a stored output that only one CPU reproduces fails here, not on someone else's CI run.
+# (MKL and oneDNN variables change nothing where the library ignores them, e.g. MKL on AMD CPUs.)
+# PORTABLE_PATHS="tests notebooks" runs the test suite the same way.
+PORTABLE_native := -u ATEN_CPU_CAPABILITY -u MKL_ENABLE_INSTRUCTIONS -u ONEDNN_MAX_CPU_ISA
+PORTABLE_avx2 := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+PORTABLE_default := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
+PORTABLE_SETTINGS ?= native avx2 default
+PORTABLE_PATHS ?= notebooks
+
+test-portable: setup
+	$(if $(filter-out native avx2 default,$(PORTABLE_SETTINGS)),$(error PORTABLE_SETTINGS: use native, avx2 or default))
+	failed=""; \
+	$(foreach s,$(PORTABLE_SETTINGS),echo "== CPU kernels: $(s)"; start=$$SECONDS; \
+	  env $(PORTABLE_$(s)) $(PY) -m pytest $(NBVAL) -p no:cacheprovider $(PORTABLE_PATHS) $(PYTEST_ARGS) || failed="$$failed $(s)"; \
+	  echo "== $(s): $$((SECONDS - start)) s"; ) \
+	if [ -n "$$failed" ]; then echo "test-portable FAILED under:$$failed"; exit 1; fi; \
+	echo "test-portable: passed under $(PORTABLE_SETTINGS)"
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks

@@ -1,5 +1,9 @@
-"""minquant.course.check: what the notebooks' exercise cells rely on."""
-from minquant.course import check
+"""minquant.course: `check` (the notebooks' exercise cells) and `check_close` (their measured results)."""
+import numpy as np
+import pytest
+import torch
+
+from minquant.course import check, check_close
 
 
 def test_check_accepts_right_answers(capsys):
@@ -7,6 +11,13 @@ def test_check_accepts_right_answers(capsys):
     assert check(134773, 134773, rel=0) is True
     assert check("int4", "int4") is True
     assert capsys.readouterr().out.count("correct") == 3
+
+
+def test_check_prints_no_float_digits_that_could_differ_between_cpus(capsys):
+    check(60.732427991623105, 60.7324279916231)
+    check(0.2, 0.2, rel=0)
+    check(134773, 134773, rel=0)
+    assert capsys.readouterr().out.splitlines() == ["correct (to 0.1%)", "correct", "correct: 134773"]
 
 
 def test_check_rejects_wrong_answers_with_the_hint(capsys):
@@ -20,3 +31,40 @@ def test_unanswered_is_not_an_error(capsys):
     assert check(..., 1.0) is False
     assert capsys.readouterr().out.splitlines() == ["not answered yet; hint: start from the config",
                                                     "not answered yet"]
+
+
+def test_check_close_accepts_cpu_rounding_and_rejects_a_real_change(capsys):
+    # the FIELD-NOTES pair: one perplexity on an AVX-512 and an AVX2 machine
+    check_close(14.085038, 14.084923)
+    check_close(14.085038, 14.09, rel=1e-3)
+    with pytest.raises(AssertionError, match=r"perplexity is 14\.2, expected 14\.09 .*\+0\.78%"):
+        check_close(14.2, 14.09, what="perplexity")
+    assert capsys.readouterr().out == ""  # silent when it passes: nothing machine-dependent printed
+
+
+def test_check_close_abs_and_rel_tolerances():
+    check_close(2.7e-7, 0.0, abs=1e-6)            # a max error that only has to be small
+    with pytest.raises(AssertionError):
+        check_close(2.7e-7, 0.0, rel=0.5)         # no relative tolerance makes 0 close to anything else
+    check_close(100.4, 100.0, rel=0, abs=0.5)
+    with pytest.raises(AssertionError):
+        check_close(100.6, 100.0, rel=0, abs=0.5)
+    with pytest.raises(ValueError, match="tolerances"):
+        check_close(1.0, 1.0, rel=-1)
+
+
+def test_check_close_walks_dicts_lists_and_tensors_naming_the_entry():
+    ppl = {"fp32": 14.085, "RTN W4 g64": [19.68, 19.70]}
+    check_close(ppl, {"fp32": 14.09, "RTN W4 g64": [19.68, 19.69]})
+    with pytest.raises(AssertionError, match=r"ppl\['RTN W4 g64'\]\[1\] is 19\.7, expected 19\.6"):
+        check_close(ppl, {"fp32": 14.09, "RTN W4 g64": [19.68, 19.6]}, what="ppl")
+    with pytest.raises(AssertionError, match="keys"):
+        check_close({"fp32": 1.0}, {"fp16": 1.0})
+    with pytest.raises(AssertionError, match="3 entries, got 2"):
+        check_close([1.0, 2.0], [1.0, 2.0, 3.0])
+    check_close(torch.tensor([0.5, 0.25]), [0.5, 0.25], rel=0)
+    check_close(np.float32(0.1), 0.1, rel=1e-6)
+    check_close(torch.tensor(3), 3, rel=0)
+    check_close(["self_attn.o_proj", 7], ["self_attn.o_proj", 7])   # non-numbers compare exactly
+    with pytest.raises(AssertionError, match="'mlp.up_proj', expected 'self_attn.o_proj'"):
+        check_close("mlp.up_proj", "self_attn.o_proj")

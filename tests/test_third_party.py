@@ -76,7 +76,12 @@ def test_smollm2_int4_g64(smollm2, tmp_path):
     ids = tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
     theirs, mine = third_party_logits(tmp_path / "ckpt", ids, 4, tmp_path)["logits"], ours(tmp_path / "ckpt", ids)
     torch.testing.assert_close(theirs, mine, rtol=2e-3, atol=5e-2)  # logits reach ~30; fp16 weights in their kernel
-    assert torch.equal(theirs.argmax(-1), mine.argmax(-1))
+    # the same next token wherever ours leads by more than the two may differ (two such gaps): a closer call
+    # is a near-tie that another kernel, or another CPU's rounding, may break the other way
+    top2 = mine.topk(2, dim=-1).values
+    clear = top2[..., 0] - top2[..., 1] > 2 * (5e-2 + 2e-3 * top2[..., 0].abs())
+    assert clear.float().mean() > 0.5, "too few clear calls to compare"
+    assert torch.equal(theirs.argmax(-1)[clear], mine.argmax(-1)[clear])
 
 
 @pytest.mark.parametrize("act_order", [False, True])
