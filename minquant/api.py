@@ -22,10 +22,21 @@ from minquant.nn import QuantLinear
 METHODS = ("rtn", "gptq", "awq")
 
 
+# Options that only one method (or two) reads, and their defaults: any other value is an error for
+# the other methods, never silently written into the checkpoint's config.
+METHOD_OPTIONS = {
+    "full_range": (("rtn", "gptq"), False), "act_order": (("gptq",), False), "static_groups": (("gptq",), False),
+    "search_range": (("gptq",), False), "damp": (("gptq",), None), "true_sequential": (("gptq",), True),
+    "bits_budget": (("gptq",), None), "sensitivity_samples": (("gptq",), 16), "duo_scaling": (("awq",), False),
+    "clip": (("awq",), True), "calib": (("gptq", "awq"), "c4"), "n_samples": (("gptq", "awq"), 128),
+    "seqlen": (("gptq", "awq"), 512), "seed": (("gptq", "awq"), 0), "batch_size": (("gptq", "awq"), 8),
+}
+
+
 @torch.no_grad()
 def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, group_size: int = 128,
              sym: bool = False, full_range: bool = False, act_order: bool = False, static_groups: bool = False,
-             search_range: bool = False, damp: float = 0.01, true_sequential: bool = True,
+             search_range: bool = False, damp: float | None = None, true_sequential: bool = True,
              duo_scaling: bool = False, clip: bool = True, bits_budget: float | None = None, sensitivity_samples: int = 16,
              calib: str | torch.Tensor = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0,
              device=None, batch_size: int = 8, progress: bool = True):
@@ -37,6 +48,7 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     from `calib` ("c4", "wikitext2", or token ids (n, seqlen)) via `tokenizer`; block by block on `device`.
     `full_range` (with `sym`): all 2**bits levels, GPTQ's own symmetric grid, not one symmetric
     around 0. `search_range` (GPTQ): each group's range narrowed to the one that rounds it best.
+    `damp` (GPTQ, default 0.01): added to H's diagonal, as a fraction of its mean.
     `true_sequential=False` (GPTQ): each block's groups all calibrated on its float inputs.
     `duo_scaling`, `clip` (AWQ): scales from activations and weights; search each group's range shrink.
     `bits_budget` (GPTQ): mixed precision: bits and group size per layer (2/3/4/8 bits at g32/g64/g128/
@@ -45,69 +57,166 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     `bits`/`group_size`/`sym` then only set the base. The plan is left in `model.mixed_plan`.
     A report (seconds, per-layer loss) is left in `model.quantization_report`; for AWQ, the search
     (scales, clips; `.save(path)`, `minquant.awq.apply_awq`) in `model.awq_search`.
+
+    Everything that can be checked is checked before the model changes (an option of another method,
+    a budget, token ids outside the vocabulary, windows longer than the model's positions, weights
+    too large for fp16 scales, the device). If the method still fails part-way, blocks already done
+    stay overwritten: the model is then marked, and every later forward, quantize or save refuses it.
     """
     from minquant.checkpoint import quantization_config
     from minquant.gptq import GPTQConfig
+    from minquant.models import check_usable, mark_unusable
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; minquant has: {', '.join(METHODS)}")
+    given = {"full_range": full_range, "act_order": act_order, "static_groups": static_groups, "search_range": search_range,
+             "damp": damp, "true_sequential": true_sequential, "bits_budget": bits_budget,
+             "sensitivity_samples": sensitivity_samples, "duo_scaling": duo_scaling, "clip": clip,
+             "calib": calib, "n_samples": n_samples, "seqlen": seqlen, "seed": seed, "batch_size": batch_size}
+    _check_options(method, given)
     model = _as_model(model)
+    check_usable(model)
+    if not hasattr(model, "config"):
+        raise TypeError(f"minquant.quantize takes a Hugging Face model (one with .config), got a {type(model).__name__}; "
+                        "for plain modules use minquant.rtn.quantize_model")
     tokenizer = tokenizer_of(model, tokenizer)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
-    gptq_only = {"act_order": act_order, "static_groups": static_groups, "search_range": search_range,
-                 "true_sequential=False": not true_sequential}
-    if method == "awq" and any(gptq_only.values()):
-        raise ValueError(f"{', '.join(k for k, v in gptq_only.items() if v)}: GPTQ option(s), not AWQ's")
-    if method != "awq" and (duo_scaling or not clip):
-        raise ValueError("duo_scaling and clip are AWQ options")
-    if bits_budget is not None and method != "gptq":
-        raise ValueError(f"bits_budget (mixed precision) quantizes with GPTQ; method={method!r} has no per-layer plan")
-    cfg = GPTQConfig(bits=bits, group_size=group_size, sym=sym, full_range=full_range, damp=damp, act_order=act_order,
-                     static_groups=static_groups, search_range=search_range)  # validates the numbers for either method
-    if method == "awq":
-        from minquant.awq import AWQConfig, awq_quantize_model
+    cfg = GPTQConfig(bits=bits, group_size=group_size, sym=sym, full_range=full_range, damp=0.01 if damp is None else damp,
+                     act_order=act_order, static_groups=static_groups, search_range=search_range)  # validates the numbers
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = check_device(device)
+    _check_weights(model, method, cfg, bits_budget)
+    if bits_budget is not None:
+        from minquant.mixed import candidate_configs, check_budget, layer_shapes, plan_model
+        from minquant.sensitivity import layer_names
 
-        if full_range:
-            raise ValueError("full_range is a GPTQ/RTN option; AWQ uses the symmetric grid around 0 or a zero-point")
+        if not (isinstance(sensitivity_samples, int) and sensitivity_samples >= 1):
+            raise ValueError(f"sensitivity_samples must be a positive integer, got {sensitivity_samples!r}")
+        configs = candidate_configs(symmetric=sym)
+        check_budget(bits_budget, layer_shapes(model, layer_names(model)), configs)
+    windows = None
+    if method != "rtn":
         windows = calibration_data(calib, tokenizer, n_samples, seqlen, seed)
-        awq_cfg = AWQConfig(bits=bits, group_size=group_size, sym=sym, duo_scaling=duo_scaling, clip=clip)
-        model.awq_search, report = awq_quantize_model(model, windows, awq_cfg, device=device, batch_size=batch_size,
-                                                      progress=progress)
+        check_windows(model, windows)
+    plan = None
+    if bits_budget is not None:
+        model.mixed_plan, _ = plan_model(model, windows[:sensitivity_samples], bits_budget, configs, progress=progress)
+        plan = {name: model.mixed_plan.config(name) for name in model.mixed_plan.layers}
+    try:  # from here on the model changes
+        report = _run_method(model, method, cfg, windows, plan, device=device, batch_size=batch_size,
+                             true_sequential=true_sequential, duo_scaling=duo_scaling, clip=clip, progress=progress)
+    except BaseException as e:
+        mark_unusable(model, f"this model is neither float nor quantized: minquant.quantize(method={method!r}) failed "
+                             f"part-way ({type(e).__name__}: {e}) after overwriting some of its layers; load the float "
+                             "model again")
+        raise
+    if windows is not None:
         report["calibration"] = _calibration_report(calib, windows, seed)
-    elif method == "rtn":
-        if search_range or not true_sequential:
-            raise ValueError("search_range and true_sequential are GPTQ options; RTN rounds each group's min/max range")
-        from minquant.rtn import quantize_model
-        import time
-
-        start = time.perf_counter()
-        layers = quantize_model(model, cfg.quant, progress=progress)
-        report = {"seconds": time.perf_counter() - start, "layers": {r.name: {"mse": r.mse} for r in layers}}
-    else:
-        from minquant.gptq import gptq_quantize_model
-
-        windows = calibration_data(calib, tokenizer, n_samples, seqlen, seed)
-        plan = None
-        if bits_budget is not None:
-            from minquant.mixed import candidate_configs, plan_model
-
-            if sensitivity_samples < 1:
-                raise ValueError(f"sensitivity_samples must be at least 1, got {sensitivity_samples}")
-            model.mixed_plan, _ = plan_model(model, windows[:sensitivity_samples], bits_budget,
-                                             candidate_configs(symmetric=sym), progress=progress)
-            plan = {name: model.mixed_plan.config(name) for name in model.mixed_plan.layers}
-        report = gptq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size,
-                                     true_sequential=true_sequential, plan=plan, progress=progress)
-        report["calibration"] = _calibration_report(calib, windows, seed)
-        if plan is not None:
-            report["mixed_plan"] = model.mixed_plan.to_json()
+    if plan is not None:
+        report["mixed_plan"] = model.mixed_plan.to_json()
     model.config.quantization_config = quantization_config(cfg.quant, ("lm_head",), method=method,
-                                                           desc_act=act_order and method == "gptq",
-                                                           static_groups=static_groups, damp_percent=damp,
+                                                           desc_act=act_order, static_groups=static_groups,
+                                                           damp_percent=cfg.damp,
                                                            true_sequential=true_sequential and method == "gptq")
     model.quantization_report = report
     return model
+
+
+def _check_options(method: str, given: dict) -> None:
+    """An error naming every option given that `method` does not read."""
+    foreign = [f"{k}=" + (f"<token ids {tuple(v.shape)}>" if isinstance(v, torch.Tensor) else repr(v)) for k, v in given.items()
+               if method not in METHOD_OPTIONS[k][0] and not _is_default(v, METHOD_OPTIONS[k][1])]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)}: not option(s) of method={method!r}" +
+                         (" (RTN rounds each group's min/max range, with no calibration data)" if method == "rtn" else ""))
+    if given["bits_budget"] is None and given["sensitivity_samples"] != METHOD_OPTIONS["sensitivity_samples"][1]:
+        raise ValueError(f"sensitivity_samples={given['sensitivity_samples']!r} is read only with bits_budget (mixed precision)")
+
+
+def _is_default(value, default) -> bool:
+    return value is default if default is None or isinstance(default, bool) else \
+        (not isinstance(value, torch.Tensor) and value == default)
+
+
+def _run_method(model, method: str, cfg, windows, plan, *, device, batch_size, true_sequential, duo_scaling, clip,
+                progress) -> dict:
+    if method == "rtn":
+        import time
+
+        from minquant.rtn import quantize_model
+
+        start = time.perf_counter()
+        layers = quantize_model(model, cfg.quant, progress=progress)
+        return {"seconds": time.perf_counter() - start, "layers": {r.name: {"mse": r.mse} for r in layers}}
+    if method == "awq":
+        from minquant.awq import AWQConfig, awq_quantize_model
+
+        awq_cfg = AWQConfig(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, duo_scaling=duo_scaling, clip=clip)
+        model.awq_search, report = awq_quantize_model(model, windows, awq_cfg, device=device, batch_size=batch_size,
+                                                      progress=progress)
+        return report
+    from minquant.gptq import gptq_quantize_model
+
+    return gptq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size,
+                               true_sequential=true_sequential, plan=plan, progress=progress)
+
+
+def _check_weights(model, method: str, cfg, bits_budget) -> None:
+    """Every layer the method will change can be stored (shape, finite, fp16 scales and biases), up front."""
+    from minquant.calibrate import check_linears
+    from minquant.models import ARCHITECTURES, architecture
+
+    for name, p in model.named_parameters():  # a NaN norm would only show as NaN activations, blocks later
+        bad = ~torch.isfinite(p)
+        if bad.any():
+            raise ValueError(f"{name} has {int(bad.sum())} NaN/Inf values; nothing was quantized")
+    if method == "rtn" and getattr(model.config, "model_type", None) not in ARCHITECTURES:
+        return  # RTN quantizes any nn.Linear and checks them all itself before changing one
+    if method != "rtn" or bits_budget is None:
+        check_linears(model, architecture(model), cfg.quant)
+
+
+def check_device(device) -> torch.device | None:
+    """`device` as a torch.device, or a clear error when this machine or torch build has no such device."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: " + ("this torch build has no CUDA (a CPU build)" if torch.version.cuda is None
+                         else "no CUDA GPU is visible (torch.cuda.is_available() is False)"))
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps': MPS is not available on this machine")
+    return device
+
+
+def check_windows(model, windows: torch.Tensor) -> None:
+    """Calibration ids the model can take (within its vocabulary and positions); warnings where they are poor."""
+    import warnings
+
+    vocab = model.get_input_embeddings().num_embeddings
+    lo, hi = int(windows.min()), int(windows.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"calibration token ids range from {lo} to {hi}, but the model's vocabulary has {vocab} "
+                         f"(ids 0..{vocab - 1}): a tokenizer from another model?")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and windows.shape[1] > positions:
+        raise ValueError(f"calibration windows of {windows.shape[1]} tokens are longer than the model's "
+                         f"{positions} positions (max_position_embeddings); use seqlen <= {positions}")
+    widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    if windows.numel() < widest:
+        warnings.warn(f"only {windows.numel()} calibration tokens for layers {widest} inputs wide: H = 2 X X^T / n has "
+                      f"rank at most {windows.numel()}, so the result will likely be worse than RTN; use at least "
+                      f"{widest} tokens (the quick protocol: 128 x 512)", stacklevel=4)
+    if lo == hi:
+        warnings.warn(f"every calibration token is id {lo}: the statistics describe one repeated token, not "
+                      "text; the result will likely be poor", stacklevel=4)
 
 
 def _calibration_report(calib, windows: torch.Tensor, seed: int) -> dict:
@@ -148,21 +257,19 @@ def _as_model(model_or_name):
     return model_or_name
 
 
-def save(model, out_dir: str | os.PathLike, *, tokenizer=None, dtype: torch.dtype = torch.float16) -> Path:
+def save(model, out_dir: str | os.PathLike, *, tokenizer=None, dtype: torch.dtype = torch.float16,
+         overwrite: bool = False) -> Path:
     """Save a quantized model as a GPTQ checkpoint folder (transformers, vLLM and GPTQModel read it).
 
     With its tokenizer (`model.tokenizer` unless given), and what the method leaves beside the
     weights: AWQ's search (`awq_search.safetensors`, re-applicable to the float model) and a mixed
     plan (`mixed_plan.json`, which config each layer got). Float tensors are stored in `dtype`.
+    Atomic: the folder holds the old checkpoint or the new one, whole, whatever happens; it is
+    replaced, never merged into; a non-empty folder that is no minquant checkpoint needs `overwrite=True`.
     """
     from minquant.checkpoint import save_quantized
 
-    out = save_quantized(model, tokenizer_of(model, tokenizer), out_dir, dtype)
-    if getattr(model, "awq_search", None) is not None:
-        model.awq_search.save(out / "awq_search.safetensors")
-    if getattr(model, "mixed_plan", None) is not None:
-        model.mixed_plan.save(out / "mixed_plan.json")
-    return out
+    return save_quantized(model, tokenizer_of(model, tokenizer), out_dir, dtype, overwrite=overwrite)
 
 
 def load(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -184,6 +291,8 @@ def evaluate(model, data: str | torch.Tensor = "wikitext2", *, tokenizer=None, s
     `minquant.eval.PerplexityResult` (ppl, nll, tokens, windows, seqlen, text); `max_windows`
     scores only the first windows (a quick slice: say so when you quote it)."""
     from minquant.eval import perplexity
+    from minquant.models import check_usable
 
+    check_usable(model)
     tokenizer = tokenizer_of(model, tokenizer)
     return perplexity(model, tokenizer, data, seqlen=seqlen, max_windows=max_windows, progress=progress)

@@ -241,6 +241,9 @@ def awq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: AWQConfig, 
 
     def quantize_block(prefix: str, block: nn.Module, stats: list[InputStats]) -> None:
         scaled = {}  # linear -> the s its inputs were divided by
+        for group, st in zip(arch.groups, stats):
+            if not torch.isfinite(st.H).all():
+                raise ValueError(f"{prefix}.{group[0]}: its calibration inputs (H) have NaN/Inf values")
         for group, prev_name, st in zip(arch.groups, arch.awq_prev, stats):
             linears = [block.get_submodule(name) for name in group]
             if prev_name is None or not foldable(prev := block.get_submodule(prev_name), linears):
@@ -261,6 +264,8 @@ def awq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: AWQConfig, 
                     shrink = search_clip(linear.weight, H, cfg)
                     search.clips[f"{prefix}.{name}"] = shrink.cpu()
                 q, scale, zero, w_q = quantize_shrunk(linear.weight, cfg.quant, shrink)
+                if not torch.isfinite(scale).all():
+                    raise ValueError(f"{prefix}.{name}: scaled by AWQ, its weights need scales beyond fp16's range")
                 linear.weight.data = w_q.to(linear.weight.dtype)  # the next block sees the quantized one
                 quantized[f"{prefix}.{name}"] = (q.cpu(), scale.cpu(), zero.cpu())
 

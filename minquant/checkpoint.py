@@ -55,51 +55,90 @@ def _dynamic(model, base: QuantConfig) -> dict[str, dict]:
     return dynamic
 
 
-def module_config(qc: dict, name: str) -> QuantConfig | None:
+def module_config(qc: dict, name: str, budget=None) -> QuantConfig | None:
     """The config a checkpoint's `quantization_config` gives module `name`: the first `dynamic` rule that
-    matches it (None for a "-:" rule: not quantized), else the base one. The same reading as vLLM's."""
+    matches it (None for a "-:" rule: not quantized), else the base one. The same reading as vLLM's,
+    but the rules are matched by `minquant.patterns` (a file from a stranger cannot make it hang):
+    `budget`, a `patterns.Budget`, bounds the steps all of a load's matches may take together."""
+    from minquant.patterns import match
+
     for pattern, override in (qc.get("dynamic") or {}).items():
         if pattern.startswith("-:"):
-            if re.match(pattern[2:], name):
+            if match(pattern[2:], name, budget):
                 return None
-        elif re.match(pattern.removeprefix("+:"), name):
+        elif match(pattern.removeprefix("+:"), name, budget):
             return QuantConfig(bits=override.get("bits", qc["bits"]), group_size=override.get("group_size", qc["group_size"]),
                                symmetric=bool(override.get("sym", qc.get("sym", False))))
     return QuantConfig(bits=qc["bits"], group_size=qc["group_size"], symmetric=bool(qc.get("sym", False)))
 
 
-def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Write `model` (with QuantLinear layers) and its tokenizer as a GPTQ checkpoint folder.
+def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.float16, *,
+                   overwrite: bool = False) -> Path:
+    """Write `model` (with QuantLinear layers) and its tokenizer as a GPTQ checkpoint folder, atomically.
 
-    The model itself is left unchanged; the float tensors (embeddings, norms) are saved in `dtype`.
+    The folder ends up holding the new checkpoint whole, or (after any failure, a kill included) the
+    old one whole: see minquant/atomic.py. It is replaced, never merged into; a non-empty folder
+    that is not a minquant checkpoint is refused unless `overwrite`. What the method leaves beside
+    the weights is saved too: AWQ's search (`awq_search.safetensors`) and a mixed plan
+    (`mixed_plan.json`). The model is left unchanged; float tensors are stored in `dtype`.
     """
+    from minquant.atomic import check_destination, new_folder
+    from minquant.models import check_usable
+
+    check_usable(model)
     counts = Counter(m.cfg for m in model.modules() if isinstance(m, QuantLinear))
     if not counts:
         raise ValueError("the model has no QuantLinear layers: quantize it first (minquant.quantize)")
-    cfg = counts.most_common(1)[0][0]  # the base config; the others go in `dynamic` (mixed precision)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    check_destination(out_dir, overwrite)  # before the work of converting tensors
+    state = _storable_state(model, dtype)
+    config = copy.deepcopy(model.config)
+    config.quantization_config = _quantization_config_of(model, counts.most_common(1)[0][0])
+    config.dtype = dtype
+    with new_folder(out_dir, overwrite) as tmp:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if getattr(model, "awq_search", None) is not None:
+            model.awq_search.save(tmp / "awq_search.safetensors")
+        if getattr(model, "mixed_plan", None) is not None:
+            model.mixed_plan.save(tmp / "mixed_plan.json")
+    return Path(out_dir)
+
+
+def _storable_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict with float tensors in `dtype`; a clear error for one that does not fit (1e5 in fp16)."""
+    state = {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            stored = t.to(dtype)
+            if not torch.isfinite(stored).all():
+                why = "NaN/Inf values" if not torch.isfinite(t).all() else \
+                    f"values up to {float(t.abs().max()):.4g}, beyond {dtype}'s largest ({torch.finfo(dtype).max:.5g})"
+                raise ValueError(f"cannot store {name} in {dtype}: it has {why}; save with dtype=torch.float32 "
+                                 "(or torch.bfloat16) if the values are meant")
+            t = stored
+        state[name] = t.contiguous()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # stored once, as the embedding
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    config = copy.deepcopy(model.config)
-    known = getattr(model.config, "quantization_config", None)  # set by minquant.quantize: how it was made
+    return state
+
+
+def _quantization_config_of(model, base: QuantConfig) -> dict:
+    """config.json's block: the format read off the layers, how it was made from what quantize (or a load) left."""
+    known = getattr(model.config, "quantization_config", None)  # set by minquant.quantize or load_quantized
     made_by_us = isinstance(known, dict) and known.get("quantized_by") == "minquant"
-    extra = {"method": known["minquant_method"], "static_groups": known["static_groups"],
-             "damp_percent": known["damp_percent"]} if made_by_us else {}
+    how = {k: known[key] for k, key in (("method", "minquant_method"), ("static_groups", "static_groups"),
+                                          ("damp_percent", "damp_percent"), ("true_sequential", "true_sequential"))
+           if key in known} if made_by_us else {}
     permuted = any(m.act_order for m in model.modules() if isinstance(m, QuantLinear))
-    config.quantization_config = quantization_config(cfg, ("lm_head",), desc_act=permuted or bool(made_by_us and known["desc_act"]), **extra)
-    dynamic = _dynamic(model, cfg)
+    qc = quantization_config(base, ("lm_head",), desc_act=permuted or bool(made_by_us and known.get("desc_act")), **how)
+    dynamic = _dynamic(model, base)
     if dynamic:
-        config.quantization_config["dynamic"] = dynamic
-    config.dtype = dtype
-    config.save_pretrained(out)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+        qc["dynamic"] = dynamic
+    return qc
 
 
 FORMAT_HINTS = {  # quant_method / format found -> how to say what it is
@@ -112,47 +151,162 @@ FORMAT_HINTS = {  # quant_method / format found -> how to say what it is
 }
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; an unreadable or malformed file is named in the error."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+    return data
+
+
 def read_quantization_config(folder: str | Path) -> dict:
-    """The folder's quantization_config, checked to be GPTQ v1, or an error naming what was found."""
+    """The folder's quantization_config, checked to be GPTQ v1 (and sane), or an error naming what was found."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {folder}")
-    qc = json.loads(path.read_text()).get("quantization_config")
+    qc = read_json(path).get("quantization_config")
     if qc is None:
         raise ValueError(f"{folder} is not a quantized checkpoint: config.json has no quantization_config")
+    if not isinstance(qc, dict):
+        raise ValueError(f"{path}: quantization_config is a {type(qc).__name__}, expected an object")
     method = qc.get("quant_method", "unknown")
     fmt = qc.get("checkpoint_format", "gptq")
     if method != "gptq" or fmt != "gptq":
         found = FORMAT_HINTS.get(method if method != "gptq" else fmt, f"quant_method={method!r}")
         raise ValueError(f"{folder} holds {found} (quant_method={method!r}, checkpoint_format={fmt!r}); "
                          "minquant loads GPTQ v1 checkpoints (quant_method 'gptq', checkpoint_format 'gptq')")
+    _check_quantization_config(qc, path)
     return qc
 
 
+def _check_quantization_config(qc: dict, path: Path) -> None:
+    """bits, group_size, sym and every `dynamic` rule valid (patterns in the safe subset), else named."""
+    from minquant.patterns import compile_pattern
+
+    from minquant.packing import SUPPORTED_BITS
+
+    try:
+        if qc.get("bits") not in SUPPORTED_BITS:
+            raise ValueError(f"bits {qc.get('bits')!r}: the GPTQ layout packs 2, 3, 4 or 8 bits")
+        QuantConfig(bits=qc.get("bits"), group_size=qc.get("group_size"), symmetric=bool(qc.get("sym", False)))
+        dynamic = qc.get("dynamic") or {}
+        if not isinstance(dynamic, dict):
+            raise ValueError(f"dynamic must map patterns to overrides, got a {type(dynamic).__name__}")
+        for pattern, override in dynamic.items():
+            if not isinstance(override, dict):
+                raise ValueError(f"dynamic rule {pattern!r} maps to a {type(override).__name__}, expected an object")
+            compile_pattern(pattern[2:] if pattern.startswith(("-:", "+:")) else pattern)
+            if not pattern.startswith("-:"):
+                QuantConfig(bits=override.get("bits", qc["bits"]), group_size=override.get("group_size", qc["group_size"]),
+                            symmetric=bool(override.get("sym", qc.get("sym", False))))
+    except ValueError as e:
+        raise ValueError(f"{path}: quantization_config: {e}") from None
+
+
 def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):
-    """Rebuild `(model, tokenizer)` from a GPTQ v1 checkpoint folder, with QuantLinear layers."""
+    """Rebuild `(model, tokenizer)` from a GPTQ v1 checkpoint folder, with QuantLinear layers.
+
+    Nothing in the folder is trusted: every tensor's dtype, shape and values (g_idx a valid group
+    assignment, no NaN/Inf) are checked, with the file and tensor named in the error; only the
+    weight files the folder's index lists (or `model.safetensors`) are read. The model keeps the
+    checkpoint's `quantization_config` (and a mixed plan or AWQ search saved beside it), so saving
+    it again writes the same checkpoint.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from minquant.atomic import recover
+    from minquant.patterns import Budget
+
     folder = Path(folder)
+    recover(folder, clean=False)  # a save killed between its two renames: the old checkpoint is put back
     qc = read_quantization_config(folder)
-    tensors = _read_safetensors(folder)
-    config = AutoConfig.from_pretrained(folder)
+    tensors, origin = _read_safetensors(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise ValueError(f"{folder / 'config.json'}: transformers cannot read it ({e})") from None
     del config.quantization_config  # we build the layers ourselves; transformers must not try to
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name in sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")):
-        linear, cfg = model.get_submodule(name), module_config(qc, name)
+    packed = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    budget = Budget(300_000 + 1_000 * len(packed))  # real rules take a few hundred steps a name; ~0.5 s at most
+    for name in packed:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{origin[name + '.qweight']}: {name}.qweight names no layer of this {config.model_type} model") from None
+        try:
+            cfg = module_config(qc, name, budget)
+        except ValueError as e:
+            raise ValueError(f"{folder / 'config.json'}: quantization_config: dynamic: {e}") from None
         if cfg is None:
             raise ValueError(f"{folder}: {name} has packed weights but the quantization_config's dynamic rules say it is not quantized")
-        model.set_submodule(name, QuantLinear(linear.in_features, linear.out_features, cfg, bias=f"{name}.bias" in tensors))
-    _load_checked(model, tensors, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+        if not isinstance(linear, torch.nn.Linear):
+            raise ValueError(f"{origin[name + '.qweight']}: {name} is a {type(linear).__name__}, not a linear layer")
+        try:
+            qlinear = QuantLinear(linear.in_features, linear.out_features, cfg, bias=f"{name}.bias" in tensors)
+        except ValueError as e:
+            raise ValueError(f"{folder / 'config.json'}: {name} cannot be stored as configured: {e}") from None
+        model.set_submodule(name, qlinear)
+    _load_checked(model, tensors, origin, folder)
+    model.config.quantization_config = qc  # how it was made: saving again writes the same block
+    _load_extras(model, folder)
+    tokenizer = _load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
     model.tokenizer = tokenizer  # as minquant.models.load_model does: the API calls find it here
     return model.eval(), tokenizer
 
 
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # tokenizers raises its own exception types for a damaged tokenizer.json
+        raise ValueError(f"{folder}: its tokenizer files cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _load_extras(model, folder: Path) -> None:
+    """What the method left beside the weights: a mixed plan, AWQ's search (kept so a save writes them again)."""
+    from minquant.awq import AWQSearch
+    from minquant.mixed import MixedPlan
+
+    if (folder / "mixed_plan.json").is_file():
+        try:
+            model.mixed_plan = MixedPlan.from_json(read_json(folder / "mixed_plan.json"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{folder / 'mixed_plan.json'} is not a mixed plan minquant wrote ({type(e).__name__}: {e})") from None
+    if (folder / "awq_search.safetensors").is_file():
+        try:
+            model.awq_search = AWQSearch.load(folder / "awq_search.safetensors")
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{folder / 'awq_search.safetensors'} cannot be read ({type(e).__name__}: {e})") from None
+
+
 def weight_files(folder: str | Path) -> list[Path]:
-    """The checkpoint's weight files: every .safetensors but what methods leave beside them (AWQ's search)."""
-    return [f for f in sorted(Path(folder).glob("*.safetensors")) if f.name != "awq_search.safetensors"]
+    """The checkpoint's weight files, as transformers finds them: those `model.safetensors.index.json`
+    lists (sharded), else `model.safetensors`. Other .safetensors beside them are not weights."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        names = sorted(set(map(str, weight_map.values())))
+        for name in names:
+            if Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"{index} lists {name!r}: weight files must lie in the checkpoint folder itself")
+            if not (folder / name).is_file():
+                raise ValueError(f"{index} lists {name}, which is not in {folder}")
+        return [folder / name for name in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    others = sorted(f.name for f in folder.glob("*.safetensors"))
+    raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {folder}"
+                            + (f"; found {', '.join(others)}, which no index lists" if others else ""))
 
 
 def disk_bytes(folder: str | Path) -> int:
@@ -160,19 +314,29 @@ def disk_bytes(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in weight_files(folder))
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    files = weight_files(folder)
-    if not files:
-        raise FileNotFoundError(f"no .safetensors file in {folder}")
-    tensors = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            tensors |= {k: st.get_tensor(k) for k in st.keys()}
-    return tensors
+def _read_safetensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """Every tensor of the weight files, and the file each came from; a damaged file is named."""
+    tensors, origin = {}, {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(f, framework="pt") as st:
+                for k in st.keys():
+                    if k in tensors:
+                        raise ValueError(f"tensor {k} is stored twice (also in {origin[k].name})")
+                    tensors[k], origin[k] = st.get_tensor(k), f
+        except ValueError as e:
+            raise ValueError(f"{f}: {e}") from None
+        except Exception as e:  # safetensors' own SafetensorError: a truncated or damaged file
+            raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return tensors, origin
 
 
-def _load_checked(model, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    """Copy every tensor in; a missing, unexpected or mis-shaped one is named in the error."""
+# What each tensor of a QuantLinear must be. g_idx may be int64 (lossless) but never float.
+PACKED_DTYPES = {"qweight": (torch.int32,), "qzeros": (torch.int32,), "g_idx": (torch.int32, torch.int64)}
+
+
+def _load_checked(model, tensors: dict[str, torch.Tensor], origin: dict[str, Path], folder: Path) -> None:
+    """Copy every tensor in; a missing, unexpected, mis-shaped, mistyped or non-finite one is named."""
     expected = model.state_dict()
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     missing = sorted(set(expected) - set(tensors) - tied)
@@ -182,8 +346,40 @@ def _load_checked(model, tensors: dict[str, torch.Tensor], folder: Path) -> None
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensor(s) {', '.join(unexpected[:5])}")
     for name, t in tensors.items():
-        if t.shape != expected[name].shape:
-            raise ValueError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
+        _check_tensor(name, t, expected[name], origin[name])
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            _check_g_idx(f"{name}.g_idx", tensors[f"{name}.g_idx"], m, origin[f"{name}.g_idx"])
     model.load_state_dict(tensors, strict=False)
     if tied:
         model.tie_weights()
+
+
+def _check_tensor(name: str, t: torch.Tensor, want: torch.Tensor, file: Path) -> None:
+    if t.shape != want.shape:
+        raise ValueError(f"{file}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(want.shape)}")
+    allowed = PACKED_DTYPES.get(name.rsplit(".", 1)[-1]) if not want.is_floating_point() else None
+    if allowed is not None and t.dtype not in allowed:
+        raise ValueError(f"{file}: tensor {name} is {t.dtype}, expected {allowed[0]} (the GPTQ layout; casting would "
+                         "change what the bits mean)")
+    if want.is_floating_point():
+        if not t.is_floating_point():
+            raise ValueError(f"{file}: tensor {name} is {t.dtype}, expected a floating-point tensor")
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            raise ValueError(f"{file}: tensor {name} has {int(bad.sum())} NaN/Inf values")
+    elif allowed is None and t.dtype != want.dtype:
+        raise ValueError(f"{file}: tensor {name} is {t.dtype}, expected {want.dtype}")
+
+
+def _check_g_idx(name: str, g_idx: torch.Tensor, layer: QuantLinear, file: Path) -> None:
+    """g_idx must give each group exactly K / G input columns (any order: act-order permutes them)."""
+    K, G = layer.in_features, layer.cfg.groups(layer.in_features)
+    lo, hi = int(g_idx.min()), int(g_idx.max())
+    if lo < 0 or hi >= G:
+        raise ValueError(f"{file}: tensor {name} holds group numbers from {lo} to {hi}; this layer has groups 0..{G - 1}")
+    sizes = torch.bincount(g_idx.long(), minlength=G)
+    if not (sizes == K // G).all():
+        g = int((sizes != K // G).nonzero()[0])
+        raise ValueError(f"{file}: tensor {name} puts {int(sizes[g])} columns in group {g}; every group of this "
+                         f"layer has {K // G} (group_size {layer.cfg.group_size})")

@@ -26,13 +26,40 @@ def load_any(name: str, dtype=None, device: str = "cpu"):
     """A minquant/GPTQ checkpoint folder through `minquant.load`, anything else through `load_model`."""
     import minquant
 
+    from minquant.checkpoint import read_json
+
     config = Path(name) / "config.json"
-    if config.is_file() and "quantization_config" in json.loads(config.read_text()):
+    if config.is_file() and "quantization_config" in read_json(config):
         return minquant.load(name, dtype=dtype, device=device)
     import torch
 
     model, _ = minquant.load_model(name, dtype=dtype or torch.float32, device=device)
     return model
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of tokens, windows, samples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def group_size_arg(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or not (value == -1 or value >= 1):
+        raise argparse.ArgumentTypeError(f"expected a positive group size or -1 (per channel), got {text!r}")
+    return value
 
 
 def _dtype(name: str | None):
@@ -61,19 +88,25 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     import minquant
+    from minquant.api import check_device
+    from minquant.atomic import check_destination
     from minquant.checkpoint import disk_bytes
 
+    check_destination(args.out, args.overwrite)  # before the long work, not after it
+    check_device(args.device)
     print(f"loading {args.model} ...", flush=True)
     model = load_any(args.model)
     start = time.perf_counter()
+    data = {"calib": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed} \
+        if args.method != "rtn" else {}  # RTN takes no calibration data (and quantize says so if given any)
+    gptq = {"damp": args.damp, "true_sequential": not args.no_true_sequential}
     minquant.quantize(model, args.method, bits=args.bits, group_size=args.group_size,
                       sym=args.sym, full_range=args.full_range, act_order=args.act_order,
-                      static_groups=args.static_groups, search_range=args.search_range, damp=args.damp,
-                      true_sequential=not args.no_true_sequential, duo_scaling=args.duo_scaling, clip=not args.no_clip,
-                      bits_budget=args.bits_budget,
-                      calib=args.calib, n_samples=args.n_samples, seqlen=args.seqlen, seed=args.seed, device=args.device)
+                      static_groups=args.static_groups, search_range=args.search_range,
+                      duo_scaling=args.duo_scaling, clip=not args.no_clip, bits_budget=args.bits_budget,
+                      device=args.device, **data, **{k: v for k, v in gptq.items() if v is not None})
     seconds = time.perf_counter() - start
-    out = minquant.save(model, args.out)
+    out = minquant.save(model, args.out, overwrite=args.overwrite)
     if args.bits_budget is not None:  # which config each layer got
         plan = model.mixed_plan
         print(f"mixed precision: {plan.bits_per_weight:.3f} bits per weight (budget {args.bits_budget}); layers per config: "
@@ -92,9 +125,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import minquant
     from minquant.memory import module_bytes
 
+    from minquant.api import check_device
+
+    check_device(args.device)
+    data = Path(args.text).read_text() if args.text else "wikitext2"
     model = load_any(args.model, _dtype(args.dtype), args.device)
     start = time.perf_counter()
-    data = Path(args.text).read_text() if args.text else "wikitext2"
     r = minquant.evaluate(model, data, seqlen=args.seqlen, max_windows=args.max_windows or None)
     print(f"{args.model}: perplexity {r.ppl:.3f} on {r.text} ({r.windows} windows of {r.seqlen} tokens, "
           f"{r.tokens:,} predicted); model {module_bytes(model) / 1e6:.1f} MB; {time.perf_counter() - start:.1f} s")
@@ -105,6 +141,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from transformers import TextStreamer
 
+    from minquant.api import check_device
+
+    if not args.prompt.strip() and args.no_chat:
+        raise ValueError("the prompt is empty: a plain continuation needs some text to continue (--prompt)")
+    check_device(args.device)
     model = load_any(args.model, _dtype(args.dtype), args.device)
     print(f"prompt: {args.prompt}\n{args.model}: ", end="", flush=True)
     start = time.perf_counter()
@@ -189,9 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
         'minquant memory smollm2-135m --group-size 64 --linears-only',
         'minquant memory ./my-model-folder --context 32768 --batch 8'])
     p.add_argument("model", help="packaged name (smollm2-135m), local folder, or Hugging Face id")
-    p.add_argument("--group-size", type=int, default=128, help="group size of integer formats, -1 = per channel")
-    p.add_argument("--context", type=int, default=4096, help="tokens held in the KV cache")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
+    p.add_argument("--group-size", type=group_size_arg, default=None,
+                   help="group size of integer formats, -1 = per channel (default: 128, or 64/32 where 128 does not divide)")
+    p.add_argument("--context", type=positive_int, default=4096, help="tokens held in the KV cache")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded at once")
     p.add_argument("--linears-only", action="store_true", help="keep embeddings and lm_head in fp16")
     p.set_defaults(func=cmd_memory)
 
@@ -203,10 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         'minquant quantize smollm2-135m --bits 3 --group-size 64 --eval-windows 16 --out w3',
         'minquant quantize smollm2-135m --bits-budget 3.5 --group-size 64 --out smollm2-mixed'])
     p.add_argument("model", help="packaged name (smollm2-135m), local folder, or Hugging Face id")
-    p.add_argument("--out", required=True, help="folder to write the checkpoint to")
+    p.add_argument("--out", required=True, help="folder to write the checkpoint to (replaced whole, atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is a non-empty folder that holds no minquant checkpoint")
     p.add_argument("--method", choices=["gptq", "rtn", "awq"], default="gptq")
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128, help="-1 = per channel")
+    p.add_argument("--group-size", type=group_size_arg, default=128, help="-1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric (zero-point fixed at 2**(bits-1))")
     p.add_argument("--full-range", action="store_true", help="with --sym: all 2**bits levels (GPTQ's symmetric grid)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal (desc_act)")
@@ -214,18 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-range", action="store_true", help="GPTQ: each group's range narrowed to round it best")
     p.add_argument("--no-true-sequential", action="store_true",
                    help="GPTQ: calibrate all of a block's linears on its float inputs (faster; llm-compressor's way)")
-    p.add_argument("--damp", type=float, default=0.01, help="GPTQ: damping, fraction of H's mean diagonal")
+    p.add_argument("--damp", type=float, default=None, help="GPTQ: damping, fraction of H's mean diagonal (default 0.01)")
     p.add_argument("--duo-scaling", action="store_true", help="AWQ: scales from activations and weights")
     p.add_argument("--no-clip", action="store_true", help="AWQ: no range-shrink search")
     p.add_argument("--bits-budget", type=float, default=None, metavar="BPW",
                    help="GPTQ mixed precision: bits and group size per layer at <= BPW bits per weight "
                         "(scales and zeros counted), chosen by measured sensitivity; e.g. 3.5")
     p.add_argument("--calib", default="c4", choices=["c4", "wikitext2"], help="calibration text")
-    p.add_argument("--n-samples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--n-samples", type=positive_int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=positive_int, default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="where each block is quantized (cuda, cpu); default: the model's")
-    p.add_argument("--eval-windows", type=int, default=0, help="also score N WikiText-2 test windows of 2048 tokens")
+    p.add_argument("--eval-windows", type=non_negative_int, default=0, help="also score N WikiText-2 test windows of 2048 tokens")
     p.set_defaults(func=cmd_quantize)
 
     p = _subcommand(sub, "bench", "measure and save numbers to data/results/", [
@@ -280,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         'minquant eval ./llama-gptq --max-windows 0 --device cuda --dtype fp16   # the whole test set',
         'minquant eval smollm2-135m --text my_corpus.txt --seqlen 512'])
     p.add_argument("model", help="checkpoint folder, packaged name, local folder or Hugging Face id")
-    p.add_argument("--max-windows", type=int, default=16, help="score only the first N windows; 0 = all")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: the model's, at most 2048)")
+    p.add_argument("--max-windows", type=non_negative_int, default=16, help="score only the first N windows; 0 = all")
+    p.add_argument("--seqlen", type=positive_int, default=None, help="tokens per window (default: the model's, at most 2048)")
     p.add_argument("--text", default=None, help="score this text file instead of WikiText-2 test")
     _add_placement(p)
     p.set_defaults(func=cmd_eval)
@@ -292,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         'minquant generate ./smollm2-gptq --no-chat --prompt "The capital of France is"'])
     p.add_argument("model", help="checkpoint folder, packaged name, local folder or Hugging Face id")
     p.add_argument("--prompt", default=DEMO_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--no-chat", action="store_true", help="plain continuation, no chat template")
     _add_placement(p)
     p.set_defaults(func=cmd_generate)
@@ -303,9 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, OSError, RuntimeError) as e:
-        print(f"minquant {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError, OSError, RuntimeError) as e:
+        print(f"minquant {args.command}: error: {e}", file=sys.stderr)  # one line, no traceback
         return 2
+    except KeyboardInterrupt:
+        print(f"\nminquant {args.command}: interrupted (a checkpoint being saved is left as it was)", file=sys.stderr)
+        return 130
     return 0
 
 

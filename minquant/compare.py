@@ -165,9 +165,9 @@ def compare(model, tokenizer=None, methods=("rtn", "gptq", "awq"), *, bits: int 
             print(f"{label} ...", flush=True)
         with PeakMemory(device) as peak:
             start = time.perf_counter()
+            data = {} if method == "rtn" else {"calib": windows if windows is not None else calib, "seed": seed}
             minquant.quantize(q, method, tokenizer=tokenizer, bits=bits, group_size=group_size, sym=sym,
-                              calib=windows if windows is not None else calib, seed=seed, device=device,
-                              progress=progress)
+                              device=device, progress=progress, **data)  # RTN takes no calibration data
             seconds = time.perf_counter() - start
         entry = Entry(label, method, module_bytes(q), block_linear_bytes(q), score(q), seconds, peak.bytes,
                       layer_errors(reference, q, error_ids))

@@ -219,7 +219,10 @@ def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQ
             layer_cfg = layer_cfgs.get(name, cfg)
             if layer_cfg is None:
                 continue  # the plan keeps it float
-            r = gptq_quantize(linear.weight, H, layer_cfg)
+            try:
+                r = gptq_quantize(linear.weight, H, layer_cfg)
+            except ValueError as e:  # NaN activations, an H no damping fixes: say which layer
+                raise ValueError(f"{name}: {e}".replace("H has NaN/Inf", "its calibration inputs (H) have NaN/Inf")) from None
             linear.weight.data = r.dequantize(linear.weight.dtype)  # later groups see the quantized layer
             results[name] = GPTQResult(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in r))
 

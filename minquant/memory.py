@@ -272,15 +272,34 @@ def module_bytes(module) -> int:
 # The table that `minquant memory MODEL` prints
 # ---------------------------------------------------------------------------------------------
 
-def memory_table(cfg, name: str = "", group_size: int = 128, context: int = 4096, batch: int = 1,
+def fitting_group_size(cfg, linears_only: bool = False, preferred: tuple[int, ...] = (128, 64, 32)) -> int:
+    """The first of `preferred` group sizes that divides every quantized matrix's rows (-1 if none):
+    128 for most models, 64 for SmolLM2 (hidden 576)."""
+    cols = {shape[1] for name, shape in param_shapes(cfg).items()
+            if len(shape) == 2 and (_BLOCK.search(name) is not None or not linears_only)}
+    return next((g for g in preferred if all(k % g == 0 for k in cols)), -1)
+
+
+def _check_sizes(context: int, batch: int) -> None:
+    for what, v in (("context", context), ("batch", batch)):
+        if not (isinstance(v, int) and v >= 1):
+            raise ValueError(f"{what} must be a positive number of tokens/sequences, got {v!r}")
+
+
+def memory_table(cfg, name: str = "", group_size: int | None = None, context: int = 4096, batch: int = 1,
                  linears_only: bool = False, gpu_for_speed: GPU = GPUS[2]) -> str:
-    """A plain-text table: bytes per format, scale/zero overhead, GPUs needed, decode bound."""
+    """A plain-text table: bytes per format, scale/zero overhead, GPUs needed, decode bound.
+    `group_size` None: 128, or the largest of 64/32 that divides the model's rows (`fitting_group_size`)."""
+    _check_sizes(context, batch)
+    chosen = group_size is None
+    group_size = fitting_group_size(cfg, linears_only) if chosen else group_size
     kv = kv_cache_bytes(cfg, context, batch)
     unit, div = ("GB", GB) if count_params(cfg) * 2 >= GB else ("MB", 10**6)  # readable for small models
     lines = [
         f"{name or cfg.model_type}: {count_params(cfg):,} parameters "
         f"({cfg.model_type}, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size})",
-        f"integer formats: group size {group_size}, fp16 scale + zero per group"
+        f"integer formats: group size {group_size}" + (" (the first of 128/64/32 that divides every row)" if chosen else "")
+        + ", fp16 scale + zero per group"
         + ("; embeddings and lm_head stay fp16" if linears_only else ""),
         "",
         f"{'format':<7}{'bits':>5}{'weights ' + unit:>12}{'scale+zero ' + unit:>15}{'total ' + unit:>10}"
@@ -322,10 +341,12 @@ class MemoryReport:
         printer.text(str(self))
 
 
-def report(config_or_model, group_size: int = 128, context: int = 4096, batch: int = 1,
+def report(config_or_model, group_size: int | None = None, context: int = 4096, batch: int = 1,
            linears_only: bool = False) -> MemoryReport:
     """Bytes per format for a model name (packaged, folder, Hub id), an HF config, or a loaded model;
-    a loaded model (float or quantized) also gets its measured bytes. Printing it shows the table."""
+    a loaded model (float or quantized) also gets its measured bytes. Printing it shows the table.
+    `group_size` None: 128, or the largest of 64/32 that divides the model's rows."""
+    _check_sizes(context, batch)
     measured = None
     if isinstance(config_or_model, str):
         from minquant.models import load_config
@@ -337,10 +358,12 @@ def report(config_or_model, group_size: int = 128, context: int = 4096, batch: i
         name, cfg = "", config_or_model
     else:
         raise TypeError(f"expected a model name, a transformers config or a model, got {type(config_or_model).__name__}")
+    table = memory_table(cfg, name, group_size, context, batch, linears_only)
+    group_size = fitting_group_size(cfg, linears_only) if group_size is None else group_size
     formats = {fmt: weight_bytes(cfg, fmt, group_size, linears_only=linears_only) for fmt in FORMAT_BITS}
     return MemoryReport(name or getattr(cfg, "_name_or_path", "") or cfg.model_type, count_params(cfg), formats,
                         kv_cache_bytes(cfg, context, batch),
-                        memory_table(cfg, name, group_size, context, batch, linears_only), measured)
+                        table, measured)
 
 
 class _CallableModule(types.ModuleType):

@@ -206,10 +206,29 @@ def plan_model(model: torch.nn.Module, windows: torch.Tensor, bits_per_weight: f
     configs = configs or candidate_configs()
     names = layer_names(model)
     shapes = layer_shapes(model, names)
+    check_budget(bits_per_weight, shapes, configs)  # before minutes of measuring
     stats = collect_layer_stats(model, windows, batch_size=batch_size, progress=progress)
     table = sensitivity_table(model, stats, configs, proxy=proxy, method=method, progress=progress)
     tied = [g for g in layer_groups(model) if len(g) > 1] if tie_groups else None
     return plan_mixed(table, shapes, configs, bits_per_weight, tied=tied), table
+
+
+def check_budget(bits_per_weight, shapes: dict[str, tuple[int, int]], configs: dict[str, QuantConfig | None]) -> None:
+    """A clear error for a budget that is not a number, cannot be met, or quantizes nothing (every layer fp16)."""
+    try:
+        budget = float(bits_per_weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"bits_budget must be a number of bits per weight, got {bits_per_weight!r}") from None
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"bits_budget must be a positive, finite number of bits per weight, got {bits_per_weight!r}")
+    params = sum(N * K for N, K in shapes.values())
+    cheapest = sum(min(b for c in configs.values() if (b := option_bits(s, c)) is not None) for s in shapes.values())
+    if budget * params < cheapest:
+        raise ValueError(f"a budget of {budget:g} bits per weight is below what these options allow "
+                         f"({cheapest / params:.3f}: every layer at its cheapest option)")
+    if FLOAT in configs and budget >= 16:
+        raise ValueError(f"a budget of {budget:g} bits per weight keeps every layer in fp16 (16 bits): nothing would "
+                         "be quantized; budgets below 16 mix formats")
 
 
 def uniform_bits_per_weight(shapes: dict[str, tuple[int, int]], cfg: QuantConfig) -> Fraction:

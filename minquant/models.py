@@ -269,3 +269,29 @@ def _get(module, path: str):
     for part in path.split("."):
         module = getattr(module, part, None)
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# A model a failed quantization left half-changed: refused everywhere, with the reason.
+# ---------------------------------------------------------------------------------------------
+
+def mark_unusable(model: torch.nn.Module, reason: str) -> None:
+    """Mark `model` as neither float nor quantized: every forward, quantize and save then raises `reason`.
+
+    Block-wise methods overwrite each block as they go, and keeping a copy of a model that may not
+    fit twice in memory to restore it is not an option; so a failure part-way leaves a model that
+    must not be used, and this makes sure it is not used by accident.
+    """
+    if getattr(model, "minquant_unusable", None) is None:
+        def refuse(module, args, kwargs):
+            raise RuntimeError(module.minquant_unusable)
+
+        model.register_forward_pre_hook(refuse, with_kwargs=True)
+    model.minquant_unusable = reason
+
+
+def check_usable(model: torch.nn.Module) -> None:
+    """The reason `mark_unusable` recorded, as an error; nothing for a model in a sound state."""
+    reason = getattr(model, "minquant_unusable", None)
+    if reason is not None:
+        raise RuntimeError(reason)

@@ -104,6 +104,31 @@ def check_packable(N: int, K: int, cfg: QuantConfig) -> None:
                              f"{dim} = {size} must be a multiple of {values}")
 
 
+FP16_MAX = 65504.0  # the largest finite fp16: scales and biases are stored in fp16
+
+
+def check_storable(linear: torch.nn.Linear, cfg: QuantConfig) -> None:
+    """A clear error, before anything changes, when this nn.Linear cannot become a GPTQ layer at `cfg`:
+    a shape that does not pack, NaN/Inf weights, or weights/bias too large for fp16 scales and biases."""
+    check_packable(linear.out_features, linear.in_features, cfg)
+    w = linear.weight.detach()
+    bad = ~torch.isfinite(w)
+    if bad.any():
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"weight has {int(bad.sum())} NaN/Inf values (first at row {r}, column {c}); nothing was quantized")
+    # The largest scale any group can get: absmax over the smallest step count gptq_qparams divides by.
+    steps = (2 ** (cfg.bits - 1) - (0.5 if cfg.full_range else 1)) if cfg.symmetric else min(cfg.maxq / 2, cfg.maxq - 1)
+    absmax = float(w.abs().max()) if w.numel() else 0.0
+    if absmax / steps > FP16_MAX:
+        raise ValueError(f"weights up to {absmax:.4g} need scales up to {absmax / steps:.4g}, beyond fp16's largest "
+                         f"({FP16_MAX:g}), which the GPTQ format stores scales in; nothing was quantized")
+    if linear.bias is not None:
+        b = linear.bias.detach()
+        if not torch.isfinite(b).all() or float(b.abs().max()) > FP16_MAX:
+            raise ValueError(f"bias has values (up to {float(b.abs().max()):.4g}) that fp16, in which the GPTQ format "
+                             "stores biases, cannot hold; nothing was quantized")
+
+
 def contiguous_g_idx(K: int, G: int, device=None) -> torch.Tensor:
     """The group of each input column without act-order: column k is in group k // (K // G)."""
     return (torch.arange(K, device=device) // (K // G)).to(torch.int32)

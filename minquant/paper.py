@@ -64,9 +64,10 @@ def bench_paper(model: str = "facebook/opt-125m", *, device=None, n_samples: int
     for label, method, bits in ENTRIES:
         q = copy.deepcopy(float_model)
         start = time.perf_counter()
-        gptq_options = {"damp": 0.01, "true_sequential": False} if method == "gptq" else {}
-        minquant.quantize(q, method, tokenizer=tokenizer, bits=bits, group_size=-1, sym=False, calib=windows,
-                          device=device, progress=progress, **gptq_options)
+        options = {"damp": 0.01, "true_sequential": False} if method == "gptq" else {}
+        options |= {"calib": windows} if method != "rtn" else {}  # RTN takes no calibration data
+        minquant.quantize(q, method, tokenizer=tokenizer, bits=bits, group_size=-1, sym=False,
+                          device=device, progress=progress, **options)
         seconds = time.perf_counter() - start
         results[label] = {"ppl": evaluate(q), "paper": paper.get(label), "quantize_seconds": seconds}
         print(f"{label}: {results[label]['ppl']:.2f}" + (f" (paper {paper[label]})" if label in paper else ""))

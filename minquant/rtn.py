@@ -55,18 +55,21 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] = D
 def _quantize_linears(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...], progress: bool,
                       pack: bool) -> list[LayerReport]:
     from minquant.nn import QuantLinear
-    from minquant.packing import check_packable
+    from minquant.packing import check_storable
 
     linears = quantizable_linears(model, skip)
     if not linears:
         raise ValueError(f"no nn.Linear left to quantize (skip={skip})")
     for name, linear in linears.items():  # check every layer before changing any
         try:
-            check_packable(linear.out_features, linear.in_features, cfg) if pack else cfg.groups(linear.in_features)
+            if pack:
+                check_storable(linear, cfg)
+            else:
+                cfg.groups(linear.in_features)
+                if not torch.isfinite(linear.weight).all():
+                    raise ValueError("weight has NaN/Inf values; nothing was quantized")
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-        if not torch.isfinite(linear.weight).all():
-            raise ValueError(f"{name}: weight has NaN/Inf values; nothing was quantized")
     report = []
     for name, linear in tqdm(linears.items(), desc="RTN", disable=not progress):
         w = linear.weight.data

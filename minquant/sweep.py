@@ -145,8 +145,9 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
             model = copy.deepcopy(float_model)
             start = time.perf_counter()
             if spec["method"] != "fp32":
+                data = {} if spec["method"] == "rtn" else {"calib": windows}  # RTN takes no calibration data
                 minquant.quantize(model, spec["method"], **{k: v for k, v in spec.items() if k in QUANTIZE_ARGS},
-                                  calib=windows, progress=False)
+                                  progress=False, **data)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, data=ids, seqlen=ev["seqlen"], max_windows=ev["windows"], progress=False)
             results[label] = {**spec, "ppl": ppl.ppl, "quantize_seconds": seconds}

@@ -63,9 +63,9 @@ def test_rtn_through_the_same_front_door(tiny_llama):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="awq2"), "unknown method 'awq2'; minquant has: rtn, gptq, awq"),
-    (dict(method="awq", act_order=True, calib=ids()), "act_order: GPTQ option"),
-    (dict(method="awq", sym=True, full_range=True, calib=ids()), "full_range is a GPTQ/RTN option"),
-    (dict(method="rtn", clip=False), "AWQ options"),
+    (dict(method="awq", act_order=True, calib=ids()), "act_order=True: not option\\(s\\) of method='awq'"),
+    (dict(method="awq", sym=True, full_range=True, calib=ids()), "full_range=True: not option"),
+    (dict(method="rtn", clip=False), "clip=False: not option"),
     (dict(method="awq", calib=torch.zeros(0, 16, dtype=torch.long)), "non-empty"),
     (dict(method="awq", bits=9), "bits must be"),
     (dict(bits=9), "bits must be an integer from 2 to 8"),
@@ -75,9 +75,9 @@ def test_rtn_through_the_same_front_door(tiny_llama):
     (dict(calib=torch.randn(4, 16)), "integer tensor"),
     (dict(n_samples=0, calib="c4", tokenizer=object()), "n_samples must be at least 1"),
     (dict(group_size=48, calib=ids()), "group_size 48 does not divide the 64"),
-    (dict(method="rtn", search_range=True), "search_range and true_sequential are GPTQ options"),
-    (dict(method="rtn", true_sequential=False), "search_range and true_sequential are GPTQ options"),
-    (dict(method="awq", true_sequential=False, calib=ids()), "true_sequential=False: GPTQ option"),
+    (dict(method="rtn", search_range=True), "search_range=True: not option"),
+    (dict(method="rtn", true_sequential=False), "true_sequential=False: not option"),
+    (dict(method="awq", true_sequential=False, calib=ids()), "true_sequential=False: not option"),
     (dict(full_range=True), "full_range is a variant of symmetric"),
 ])
 def test_bad_arguments_are_named(tiny_llama, kwargs, match):

@@ -232,7 +232,7 @@ def test_bad_input(tiny_llama, monkeypatch):
     nan = copy.deepcopy(tiny_llama)
     with torch.no_grad():
         nan.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="block 1 mlp.up_proj: weight has NaN"):
+    with pytest.raises(ValueError, match="block 1 mlp.up_proj: weight has 1 NaN"):
         awq_quantize_model(nan, windows(), AWQConfig(4, 32), progress=False)
     monkeypatch.setitem(models.ARCHITECTURES, "llama", replace(models.LLAMA, awq_prev=None))
     with pytest.raises(ValueError, match="no AWQ mapping.*opt.*awq_prev"):
