@@ -98,6 +98,8 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         check_budget(bits_budget, layer_shapes(model, layer_names(model)), configs)
     windows = None
     if method != "rtn":
+        if isinstance(calib, str):  # before tokenizing 128 x 100000 tokens of text for nothing
+            check_positions(model, seqlen, "calibration windows")
         windows = calibration_data(calib, tokenizer, n_samples, seqlen, seed)
         check_windows(model, windows)
     plan = None
@@ -196,6 +198,14 @@ def check_device(device) -> torch.device | None:
     return device
 
 
+def check_positions(model, seqlen: int, what: str) -> None:
+    """Windows of `seqlen` tokens fit the model's positions (max_position_embeddings), else a clear error."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and seqlen > positions:
+        raise ValueError(f"{what} of {seqlen} tokens are longer than the model's {positions} positions "
+                         f"(max_position_embeddings); use seqlen <= {positions}")
+
+
 def check_windows(model, windows: torch.Tensor) -> None:
     """Calibration ids the model can take (within its vocabulary and positions); warnings where they are poor."""
     import warnings
@@ -205,10 +215,7 @@ def check_windows(model, windows: torch.Tensor) -> None:
     if lo < 0 or hi >= vocab:
         raise ValueError(f"calibration token ids range from {lo} to {hi}, but the model's vocabulary has {vocab} "
                          f"(ids 0..{vocab - 1}): a tokenizer from another model?")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and windows.shape[1] > positions:
-        raise ValueError(f"calibration windows of {windows.shape[1]} tokens are longer than the model's "
-                         f"{positions} positions (max_position_embeddings); use seqlen <= {positions}")
+    check_positions(model, windows.shape[1], "calibration windows")
     widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
     if windows.numel() < widest:
         warnings.warn(f"only {windows.numel()} calibration tokens for layers {widest} inputs wide: H = 2 X X^T / n has "
@@ -278,7 +285,7 @@ def load(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device:
     fp16 on a GPU, fp32 on a CPU (where fp16 matmuls are slow)."""
     from minquant.checkpoint import load_quantized
 
-    device = torch.device(device)
+    device = check_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     model, _ = load_quantized(folder, dtype=dtype)
     return model.to(device)

@@ -180,6 +180,26 @@ def _hub_call(fn, name: str, source: str, **kwargs):
             raise
         raise OSError(f"could not load {name!r} from the Hugging Face Hub (offline, or a typo?). "
                       f"Packaged models that work offline: {', '.join(PACKAGED)}.\n{e}") from e
+    except json.JSONDecodeError as e:  # transformers does not say which file
+        bad = [f.name for f in sorted(Path(source).glob("*.json")) if not _parses(f)] if Path(source).is_dir() else []
+        raise ValueError(f"{source}: {' / '.join(bad) or 'a JSON file'} is not valid JSON ({e})") from None
+    except (ValueError, TypeError, KeyError):
+        raise
+    except Exception as e:  # safetensors' and tokenizers' own errors: a damaged file in the folder
+        if not Path(source).is_dir():
+            raise
+        kind = type(e).__name__
+        files = sorted(f.name for f in Path(source).glob("*.safetensors")) if kind == "SafetensorError" else \
+            ["tokenizer.json"] if (Path(source) / "tokenizer.json").is_file() and "token" in f"{kind} {fn}".lower() else []
+        raise ValueError(f"{source}: {' / '.join(files) or 'a file'} cannot be read ({kind}: {e})") from None
+
+
+def _parses(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (ValueError, OSError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

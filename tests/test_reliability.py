@@ -182,40 +182,62 @@ def test_killed_after_the_swap_leaves_the_new_checkpoint(two_checkpoints, tmp_pa
 
 KILLED_CLI = """
 import os, sys, time
-real = os.fsync
-def slow_fsync(fd):  # stretch the save to ~1.5 s so that the kill lands inside it
-    time.sleep(0.12)
-    real(fd)
+import safetensors.torch, transformers
+# Stretch the save to ~1.5 s, as a big model's would be, so that the kill lands inside it: the
+# weights are written in 8 chunks, and the tokenizer and each fsync take a moment.
+def slow_save_file(tensors, path, metadata=None):
+    print("writing weights", flush=True)
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    with open(path, "wb") as f:
+        for i in range(8):
+            f.write(data[i * len(data) // 8:(i + 1) * len(data) // 8])
+            f.flush()
+            time.sleep(0.08)
+safetensors.torch.save_file = slow_save_file
+real_tokenizer_save = transformers.PreTrainedTokenizerBase.save_pretrained
+def slow_tokenizer_save(self, *args, **kwargs):
+    time.sleep(0.2)
+    return real_tokenizer_save(self, *args, **kwargs)
+transformers.PreTrainedTokenizerBase.save_pretrained = slow_tokenizer_save
+real_fsync = os.fsync
+def slow_fsync(fd):
+    time.sleep(0.05)
+    real_fsync(fd)
 os.fsync = slow_fsync
 from minquant.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.3, 0.7, 1.1, 1.6])
+@pytest.mark.parametrize("delay", [0.0, 0.3, 0.6, 0.9, 1.2, 3.0])
 def test_sigkill_during_minquant_quantize_out(delay, tiny_llama_folder, two_checkpoints, tmp_path):
-    """A real SIGKILL of `minquant quantize --out DIR`, at several moments of its save."""
+    """A real SIGKILL of `minquant quantize --out DIR`, `delay` seconds into its weight write (which
+    takes 0.64 s here; then the tokenizer 0.2 s, the fsyncs 0.05 s each): DIR loads, whole."""
     _, _, _, _, ref = two_checkpoints
     out = tmp_path / "ckpt"
-    (out).mkdir()
+    out.mkdir()
     for f in (ref / "a").iterdir():
         (out / f.name).write_bytes(f.read_bytes())
     old = snapshot(out)
     proc = subprocess.Popen([sys.executable, "-c", KILLED_CLI, "quantize", str(tiny_llama_folder), "--method", "rtn",
                              "--group-size", "32", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    for line in proc.stdout:  # quantizing a tiny model takes no time: the save starts right after this line
-        if line.startswith("loading"):
+    for line in proc.stdout:
+        if line.startswith("writing weights"):
             break
-    time.sleep(0.3 + delay)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     model, _ = load_quantized(out, dtype=torch.float32)  # whichever it is, it loads whole
     files = snapshot(out)
+    if delay <= 0.3:  # inside the weight write: the old checkpoint, untouched
+        assert files == old and leftovers(out)  # (and the killed save's temporary folder)
+    elif delay >= 3.0:
+        assert files != old
     if files != old:  # the new one: RTN W4 g32 of the tiny folder's model, every file there
         qc = json.loads(files["config.json"])["quantization_config"]
         assert qc["minquant_method"] == "rtn" and {"model.safetensors", "tokenizer.json"} <= set(files)
-    atomic.recover(out)
+    atomic.recover(out)  # what the next save does first
     assert leftovers(out) == []
 
 
@@ -592,3 +614,28 @@ def test_cli_eval_of_a_damaged_checkpoint_is_one_line_naming_the_file(damage, ch
     assert main(["eval", str(checkpoint), "--max-windows", "1", "--seqlen", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(checkpoint) in err, err
+
+
+def test_cli_quantize_seqlen_beyond_the_positions_fails_before_the_calibration_text(tiny_llama_folder, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import minquant.data
+
+    monkeypatch.setattr(minquant.data, "calibration_windows", lambda *a, **k: pytest.fail("tokenized the text"))
+    assert main(["quantize", str(tiny_llama_folder), "--group-size", "32", "--seqlen", "100000", "--out", str(tmp_path / "q")]) == 2
+    assert "calibration windows of 100000 tokens are longer than the model's 256 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage,message", [
+    (truncate("model.safetensors"), "model.safetensors cannot be read (SafetensorError"),
+    (write("tokenizer.json", '{"version": "1.0", "trunc'), "tokenizer.json is not valid JSON"),
+    (write("config.json", "{'model_type': llama"), "config.json is not valid JSON"),
+])
+def test_cli_eval_of_a_damaged_float_folder_is_one_line_naming_the_file(damage, message, tiny_llama_folder, tmp_path, capsys):
+    import shutil
+
+    folder = shutil.copytree(tiny_llama_folder, tmp_path / "float")
+    damage(folder)
+    assert main(["eval", str(folder), "--max-windows", "1", "--seqlen", "8"]) == 2
+    err = capsys.readouterr().err.strip()  # (after transformers' progress bar, if it got that far)
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("minquant eval: error: ") and message in last and str(folder) in last, err
