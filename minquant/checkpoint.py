@@ -206,6 +206,14 @@ def _check_quantization_config(qc: dict, path: Path) -> None:
         raise ValueError(f"{path}: quantization_config: {e}") from None
 
 
+def rules_budget(n_modules: int):
+    """The steps a load's `dynamic` rules may take to match its modules' names: real rules take a few
+    hundred a name; a hostile pattern is refused after ~0.5 s (SmolLM2's 210 linears)."""
+    from minquant.patterns import Budget
+
+    return Budget(300_000 + 1_000 * n_modules)
+
+
 def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):
     """Rebuild `(model, tokenizer)` from a GPTQ v1 checkpoint folder, with QuantLinear layers.
 
@@ -218,7 +226,6 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from minquant.atomic import recover
-    from minquant.patterns import Budget
 
     folder = Path(folder)
     recover(folder, clean=False)  # a save killed between its two renames: the old checkpoint is put back
@@ -231,7 +238,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):
     del config.quantization_config  # we build the layers ourselves; transformers must not try to
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     packed = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
-    budget = Budget(300_000 + 1_000 * len(packed))  # real rules take a few hundred steps a name; ~0.5 s at most
+    budget = rules_budget(len(packed))
     for name in packed:
         try:
             linear = model.get_submodule(name)

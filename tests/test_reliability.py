@@ -405,6 +405,24 @@ def test_a_catastrophic_dynamic_pattern_finishes_in_under_a_second(pattern, chec
     assert time.perf_counter() - start < 1.0 + 2.0  # + the ~1 s a tiny model takes to build and load
 
 
+@pytest.mark.parametrize("pattern", ["+:(.|.)*Z$", "+:(?:" + "(.*)" * 48 + ")*Z", "-:" + "((.*)*)*" * 20 + "Z"])
+def test_hostile_rules_over_a_whole_model_take_under_a_second(pattern):
+    """The matching alone, over SmolLM2's 210 linears with the loader's budget: each of these is either
+    matched (the first) or refused for its cost (the others, written to be as slow as 200 characters allow)."""
+    from minquant.checkpoint import module_config, rules_budget
+
+    names = [f"model.layers.{i}.{part}_proj" for i in range(30)
+             for part in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "mlp.gate", "mlp.up", "mlp.down")]
+    qc = {"bits": 4, "group_size": 64, "sym": False, "dynamic": {pattern: {"bits": 8}}}
+    budget = rules_budget(len(names))  # as load_quantized sets it
+    start = time.perf_counter()
+    try:
+        assert all(module_config(qc, name, budget).bits == 4 for name in names)  # no name ends in Z
+    except ValueError as e:
+        assert "costs more than" in str(e)
+    assert time.perf_counter() - start < 1.0
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Bad arguments to quantize / evaluate: an error before anything changes, or a warning.
 # ---------------------------------------------------------------------------------------------
