@@ -106,7 +106,12 @@ def _finish(folder: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():  # Windows cannot open a folder; its files were synced, which is what matters
+            return
+        raise
     try:
         os.fsync(fd)
     except OSError as e:  # some file systems cannot fsync a directory; the data files were synced
@@ -134,7 +139,7 @@ def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically with Linux's renameat2(RENAME_EXCHANGE); False where unavailable."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # not Linux's C library (macOS, Windows)
         return False
     AT_FDCWD, RENAME_EXCHANGE = -100, 2
     if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
