@@ -26,8 +26,10 @@ def load_any(name: str, dtype=None, device: str = "cpu"):
     """A minquant/GPTQ checkpoint folder through `minquant.load`, anything else through `load_model`."""
     import minquant
 
+    from minquant.atomic import recover
     from minquant.checkpoint import read_json
 
+    recover(Path(name), clean=False)  # a checkpoint whose save was killed between its two renames
     config = Path(name) / "config.json"
     if config.is_file() and "quantization_config" in read_json(config):
         return minquant.load(name, dtype=dtype, device=device)
