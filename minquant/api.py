@@ -99,6 +99,8 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     windows = None
     if method != "rtn":
         if isinstance(calib, str):  # before tokenizing 128 x 100000 tokens of text for nothing
+            from minquant.models import check_positions
+
             check_positions(model, seqlen, "calibration windows")
         windows = calibration_data(calib, tokenizer, n_samples, seqlen, seed)
         check_windows(model, windows)
@@ -198,31 +200,21 @@ def check_device(device) -> torch.device | None:
     return device
 
 
-def check_positions(model, seqlen: int, what: str) -> None:
-    """Windows of `seqlen` tokens fit the model's positions (max_position_embeddings), else a clear error."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and seqlen > positions:
-        raise ValueError(f"{what} of {seqlen} tokens are longer than the model's {positions} positions "
-                         f"(max_position_embeddings); use seqlen <= {positions}")
-
-
 def check_windows(model, windows: torch.Tensor) -> None:
     """Calibration ids the model can take (within its vocabulary and positions); warnings where they are poor."""
     import warnings
 
-    vocab = model.get_input_embeddings().num_embeddings
-    lo, hi = int(windows.min()), int(windows.max())
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"calibration token ids range from {lo} to {hi}, but the model's vocabulary has {vocab} "
-                         f"(ids 0..{vocab - 1}): a tokenizer from another model?")
+    from minquant.models import check_positions, check_token_ids
+
+    check_token_ids(model, windows, "calibration token ids")
     check_positions(model, windows.shape[1], "calibration windows")
     widest = max((m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)), default=0)
     if windows.numel() < widest:
         warnings.warn(f"only {windows.numel()} calibration tokens for layers {widest} inputs wide: H = 2 X X^T / n has "
                       f"rank at most {windows.numel()}, so the result will likely be worse than RTN; use at least "
                       f"{widest} tokens (the quick protocol: 128 x 512)", stacklevel=4)
-    if lo == hi:
-        warnings.warn(f"every calibration token is id {lo}: the statistics describe one repeated token, not "
+    if (windows == windows.flatten()[0]).all():
+        warnings.warn(f"every calibration token is id {int(windows.flatten()[0])}: the statistics describe one repeated token, not "
                       "text; the result will likely be poor", stacklevel=4)
 
 

@@ -67,9 +67,15 @@ def module_config(qc: dict, name: str, budget=None) -> QuantConfig | None:
             if match(pattern[2:], name, budget):
                 return None
         elif match(pattern.removeprefix("+:"), name, budget):
-            return QuantConfig(bits=override.get("bits", qc["bits"]), group_size=override.get("group_size", qc["group_size"]),
-                               symmetric=bool(override.get("sym", qc.get("sym", False))))
-    return QuantConfig(bits=qc["bits"], group_size=qc["group_size"], symmetric=bool(qc.get("sym", False)))
+            return _rule_config(qc, override)
+    return _rule_config(qc)
+
+
+def _rule_config(qc: dict, override: dict | None = None) -> QuantConfig:
+    """The base config of `quantization_config`, with a `dynamic` rule's bits/group_size/sym over it."""
+    override = override or {}
+    return QuantConfig(bits=override.get("bits", qc.get("bits")), group_size=override.get("group_size", qc.get("group_size")),
+                       symmetric=bool(override.get("sym", qc.get("sym", False))))  # QuantConfig names a bad value
 
 
 def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.float16, *,
@@ -82,20 +88,18 @@ def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = t
     the weights is saved too: AWQ's search (`awq_search.safetensors`) and a mixed plan
     (`mixed_plan.json`). The model is left unchanged; float tensors are stored in `dtype`.
     """
-    from minquant.atomic import check_destination, new_folder
+    from minquant.atomic import new_folder
     from minquant.models import check_usable
 
     check_usable(model)
     counts = Counter(m.cfg for m in model.modules() if isinstance(m, QuantLinear))
     if not counts:
         raise ValueError("the model has no QuantLinear layers: quantize it first (minquant.quantize)")
-    check_destination(out_dir, overwrite)  # before the work of converting tensors
-    state = _storable_state(model, dtype)
     config = copy.deepcopy(model.config)
     config.quantization_config = _quantization_config_of(model, counts.most_common(1)[0][0])
     config.dtype = dtype
-    with new_folder(out_dir, overwrite) as tmp:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+    with new_folder(out_dir, overwrite) as tmp:  # checks the destination before any tensor is converted
+        save_file(_storable_state(model, dtype), tmp / "model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -184,14 +188,13 @@ def read_quantization_config(folder: str | Path) -> dict:
 
 def _check_quantization_config(qc: dict, path: Path) -> None:
     """bits, group_size, sym and every `dynamic` rule valid (patterns in the safe subset), else named."""
-    from minquant.patterns import compile_pattern
-
     from minquant.packing import SUPPORTED_BITS
+    from minquant.patterns import compile_pattern
 
     try:
         if qc.get("bits") not in SUPPORTED_BITS:
             raise ValueError(f"bits {qc.get('bits')!r}: the GPTQ layout packs 2, 3, 4 or 8 bits")
-        QuantConfig(bits=qc.get("bits"), group_size=qc.get("group_size"), symmetric=bool(qc.get("sym", False)))
+        _rule_config(qc)
         dynamic = qc.get("dynamic") or {}
         if not isinstance(dynamic, dict):
             raise ValueError(f"dynamic must map patterns to overrides, got a {type(dynamic).__name__}")
@@ -200,18 +203,17 @@ def _check_quantization_config(qc: dict, path: Path) -> None:
                 raise ValueError(f"dynamic rule {pattern!r} maps to a {type(override).__name__}, expected an object")
             compile_pattern(pattern[2:] if pattern.startswith(("-:", "+:")) else pattern)
             if not pattern.startswith("-:"):
-                QuantConfig(bits=override.get("bits", qc["bits"]), group_size=override.get("group_size", qc["group_size"]),
-                            symmetric=bool(override.get("sym", qc.get("sym", False))))
+                _rule_config(qc, override)
     except ValueError as e:
         raise ValueError(f"{path}: quantization_config: {e}") from None
 
 
 def rules_budget(n_modules: int):
     """The steps a load's `dynamic` rules may take to match its modules' names: real rules take a few
-    hundred a name; a hostile pattern is refused after ~0.5 s (SmolLM2's 210 linears)."""
+    hundred a name; a hostile pattern is refused after ~0.1 s (SmolLM2's 210 linears)."""
     from minquant.patterns import Budget
 
-    return Budget(300_000 + 1_000 * n_modules)
+    return Budget(300_000 + 1_500 * n_modules)
 
 
 def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):

@@ -40,12 +40,12 @@ def perplexity(model, tokenizer=None, data: str | torch.Tensor = "wikitext2", se
                max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
     """Perplexity of a causal LM on `data`: "wikitext2" (test split), a string, or token ids (1, T)."""
     from minquant.data import load_text
+    from minquant.models import check_positions, check_token_ids
 
-    positions = getattr(model.config, "max_position_embeddings", None)
     if seqlen is not None and not (isinstance(seqlen, int) and seqlen >= 2):
         raise ValueError(f"seqlen must be a whole number of tokens >= 2 (one predicts the next), got {seqlen!r}")
-    if seqlen is not None and positions and seqlen > positions:
-        raise ValueError(f"seqlen {seqlen} is longer than the model's {positions} positions (max_position_embeddings)")
+    if seqlen is not None:
+        check_positions(model, seqlen)
     if max_windows is not None and not (isinstance(max_windows, int) and max_windows >= 1):
         raise ValueError(f"max_windows must be a positive number of windows (None: all), got {max_windows!r}")
     if isinstance(data, torch.Tensor):
@@ -64,10 +64,7 @@ def perplexity(model, tokenizer=None, data: str | torch.Tensor = "wikitext2", se
         n = min(n, max_windows)
     if n < 1:
         raise ValueError(f"the text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
-    vocab = model.get_input_embeddings().num_embeddings
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        raise ValueError(f"token ids range from {int(ids.min())} to {int(ids.max())}, outside the model's vocabulary "
-                         f"of {vocab}: a tokenizer from another model?")
+    check_token_ids(model, ids)
     device = next(model.parameters()).device
     total_nll = 0.0
     for i in tqdm(range(n), desc=f"perplexity ({seqlen}-token windows)", disable=not progress):

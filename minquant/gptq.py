@@ -123,9 +123,9 @@ def hessian_inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 6) -> 
 def _check(W: torch.Tensor, H: torch.Tensor) -> None:
     if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"expected W (N, K) and H (K, K), got W {tuple(W.shape)} and H {tuple(H.shape)}")
-    for name, t in (("W", W), ("H", H)):
+    for t, what in ((W, "W has"), (H, "its calibration inputs (H) have")):
         if not torch.isfinite(t).all():
-            raise ValueError(f"{name} has NaN/Inf values")
+            raise ValueError(f"{what} NaN/Inf values")
 
 
 @torch.no_grad()
@@ -222,7 +222,7 @@ def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQ
             try:
                 r = gptq_quantize(linear.weight, H, layer_cfg)
             except ValueError as e:  # NaN activations, an H no damping fixes: say which layer
-                raise ValueError(f"{name}: {e}".replace("H has NaN/Inf", "its calibration inputs (H) have NaN/Inf")) from None
+                raise ValueError(f"{name}: {e}") from None
             linear.weight.data = r.dequantize(linear.weight.dtype)  # later groups see the quantized layer
             results[name] = GPTQResult(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in r))
 

@@ -292,6 +292,29 @@ def _get(module, path: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# Inputs a model can take: token ids inside its vocabulary, windows inside its positions.
+# ---------------------------------------------------------------------------------------------
+
+def check_token_ids(model: torch.nn.Module, ids: torch.Tensor, what: str = "token ids") -> None:
+    """A clear error for ids the model's embedding has no row for (they would crash inside torch)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"{what} range from {lo} to {hi}, but the model's vocabulary has {vocab} "
+                         f"(ids 0..{vocab - 1}): a tokenizer from another model?")
+
+
+def check_positions(model: torch.nn.Module, seqlen: int, what: str = "windows") -> None:
+    """Windows of `seqlen` tokens fit the model's positions (max_position_embeddings), else a clear error."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and seqlen > positions:
+        raise ValueError(f"{what} of {seqlen} tokens are longer than the model's {positions} positions "
+                         f"(max_position_embeddings); use seqlen <= {positions}")
+
+
+# ---------------------------------------------------------------------------------------------
 # A model a failed quantization left half-changed: refused everywhere, with the reason.
 # ---------------------------------------------------------------------------------------------
 

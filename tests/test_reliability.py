@@ -537,9 +537,9 @@ def test_poor_calibration_data_is_warned_about(calib, warning):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(seqlen=0), r"seqlen must be a whole number of tokens >= 2 \(one predicts the next\), got 0"),
     (dict(seqlen=-5), r"seqlen must be a whole number of tokens >= 2 \(one predicts the next\), got -5"),
-    (dict(seqlen=100_000), r"seqlen 100000 is longer than the model's 128 positions"),
+    (dict(seqlen=100_000), r"windows of 100000 tokens are longer than the model's 128 positions \(max_position_embeddings\); use seqlen <= 128"),
     (dict(seqlen=8, max_windows=0), r"max_windows must be a positive number of windows"),
-    (dict(seqlen=8, data=torch.arange(64, 128)[None]), r"token ids range from 64 to 127, outside the model's vocabulary of 64"),
+    (dict(seqlen=8, data=torch.arange(64, 128)[None]), r"token ids range from 64 to 127, but the model's vocabulary has 64 \(ids 0..63\): a tokenizer from another model"),
 ])
 def test_bad_evaluate_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -618,7 +618,7 @@ def test_cli_quantize_rtn_with_act_order_is_refused_before_saving(tiny_llama_fol
 
 def test_cli_eval_seqlen_beyond_the_model_positions(tiny_llama_folder, capsys):
     assert main(["eval", str(tiny_llama_folder), "--seqlen", "100000"]) == 2
-    assert "seqlen 100000 is longer than the model's 256 positions" in capsys.readouterr().err
+    assert "windows of 100000 tokens are longer than the model's 256 positions" in capsys.readouterr().err
 
 
 def test_cli_memory_picks_a_group_size_that_fits(capsys):
