@@ -133,8 +133,9 @@ class Budget:
     """Steps a caller lets matching take, shared by all the matches it makes (a whole checkpoint's rules).
 
     Polynomial is not the same as fast: a hostile 200-character pattern can still cost seconds per
-    name. So matching counts its steps and stops with a clear error once the budget is spent; real
-    rules take tens to hundreds of steps per name.
+    name. So matching counts its steps (each (piece, start) pair computed, each start position fed
+    to a piece and each end position it returns: what the set unions really cost) and stops with a
+    clear error once the budget is spent; real rules take tens to hundreds of steps per name.
     """
 
     def __init__(self, steps: int = 1_000_000):
@@ -184,8 +185,9 @@ class Pattern:
             return memo[key]
 
         def step(node, starts) -> set:  # all ends of `node` from any of `starts`
-            budget.spend(len(starts), self.pattern)
-            return set().union(*(ends(node, i) for i in starts))
+            parts = [ends(node, i) for i in starts]
+            budget.spend(len(starts) + sum(map(len, parts)), self.pattern)  # the union's real cost
+            return set().union(*parts)
 
         def compute(node, i: int) -> set:
             kind = node[0]
