@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from minquant import kernels
+from minquant.kernels.prepare import prepare
 from minquant.packing import check_packable, contiguous_g_idx, from_gptq, storable_rtn, to_gptq
 from minquant.quant import QuantConfig
 
@@ -82,9 +83,16 @@ class QuantLinear(nn.Module):
         return self.cfg.group_size if self._contiguous else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group_size = self.contiguous_group_size() if x.is_cuda else None  # the reference path ignores it
-        return kernels.dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.cfg.bits, self.bias,
-                                      group_size=group_size)
+        if kernels.choose_backend(x, self.cfg.bits) == "triton":
+            # derived once from the buffers and cached (act-order rows sorted into contiguous groups)
+            p = prepare(self)
+            return kernels.dequant_matmul(x, p.qweight, self.qzeros, self.scales, self.g_idx, self.cfg.bits,
+                                          self.bias, group_size=p.group_size, perm=p.perm)
+        return kernels.dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.cfg.bits, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        self._prepared = None  # .to(), .cuda(), .half(): the kernels' view of the old buffers is stale
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.cfg.group_size == -1 else f"group_size={self.cfg.group_size}"

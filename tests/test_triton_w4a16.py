@@ -176,7 +176,7 @@ def test_dispatch():
     assert kernels.choose_backend(x, 4) == "torch"  # CPU tensors: the reference
     torch.testing.assert_close(kernels.dequant_matmul(*args, backend="triton"),
                                kernels.dequant_matmul(*args, backend="torch"), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="handles 4-bit weights, not 3-bit"):
+    with pytest.raises(ValueError, match="handle 4-bit weights, not 3-bit"):
         kernels.dequant_matmul(*args[:5], 3, backend="triton")
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         kernels.dequant_matmul(*args, backend="cuda")

@@ -1,10 +1,18 @@
 """Dequantize-and-multiply kernels for QuantLinear, and the choice between them.
 
-    reference.py     the torch reference: unpack a chunk, scale, matmul (any device, any bits)
-    triton_w4a16.py  a fused Triton kernel for 4-bit weights (notebook 06), imported only when used
+    reference.py      the torch reference: unpack a chunk, scale, matmul (any device, any bits)
+    triton_gemv.py    4-bit GEMV for 1-4 rows (decoding): each word read once, 3 instructions a weight
+    triton_w4a16.py   4-bit fused kernel for more rows: tensor cores, scale and zero per column
+    triton_dequant.py 4-bit weights to fp16 in one pass, for cuBLAS at large batches
+    prepare.py        what the kernels derive once per layer (act-order sorted to contiguous groups)
+    timing.py         GPU time from CUDA graphs (kernels, autotuning, decode steps)
+    sass.py           compile for an NVIDIA GPU without one and count the SASS (tests, benchmark)
+    benchmark.py      `minquant bench kernels`
 
-`dequant_matmul` picks the fused kernel for 4-bit CUDA tensors when Triton is installed, and the
-reference otherwise; `backend=` forces one (tests and benchmarks).
+`dequant_matmul` picks the Triton kernels for 4-bit CUDA tensors when Triton is installed, and the
+reference otherwise; `backend=` forces one (tests and benchmarks). Among the Triton paths: the GEMV
+for up to 4 rows, and for more rows the faster of the fused kernel and dequantize-then-cuBLAS,
+measured once per shape on the GPU at hand (a batch size is never much slower than the best of the two).
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import torch
 from minquant.kernels import reference
 
 BACKENDS = ("torch", "triton")
+PATHS = ("gemv", "fused", "dequant")
 
 
 def choose_backend(x: torch.Tensor, bits: int) -> str:
@@ -24,18 +33,82 @@ def choose_backend(x: torch.Tensor, bits: int) -> str:
 
 def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                    g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None,
-                   backend: str | None = None, group_size: int | None = None) -> torch.Tensor:
+                   backend: str | None = None, group_size: int | None = None, perm: torch.Tensor | None = None,
+                   path: str | None = None) -> torch.Tensor:
     """x (..., K) @ dequant(W)^T (+ bias) -> (..., N), W in the GPTQ layout (see minquant.packing).
 
     group_size (-1: per-channel) promises that g_idx is the contiguous k // group_size (no act-order);
-    the fused kernel then skips g_idx. Leave it None when unsure: g_idx is always honoured."""
+    the Triton kernels then skip g_idx. Leave it None when unsure: g_idx is always honoured.
+    perm: qweight's rows were sorted by group (minquant.kernels.prepare): row i is input perm[i].
+    path: force one Triton path ("gemv", "fused", "dequant") instead of choosing (tests, benchmarks)."""
     backend = backend or choose_backend(x, bits)
     if backend == "torch":
+        if perm is not None:
+            raise ValueError("perm (sorted act-order rows) is for the Triton kernels; the reference takes g_idx")
         return reference.dequant_matmul(x, qweight, qzeros, scales, g_idx, bits, bias)
     if backend == "triton":
         if bits != 4:
-            raise ValueError(f"the Triton kernel handles 4-bit weights, not {bits}-bit; use backend='torch'")
-        from minquant.kernels.triton_w4a16 import w4a16_matmul  # GPU-only code stays out of CPU imports
-
-        return w4a16_matmul(x, qweight, qzeros, scales, g_idx, bias, group_size=group_size)
+            raise ValueError(f"the Triton kernels handle 4-bit weights, not {bits}-bit; use backend='torch'")
+        return _triton_matmul(x, qweight, qzeros, scales, g_idx, bias, group_size, perm, path)
     raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+
+
+def _triton_matmul(x, qweight, qzeros, scales, g_idx, bias, group_size, perm, path):
+    # GPU-only code stays out of CPU imports
+    from minquant.kernels import triton_gemv
+    from minquant.kernels.triton_w4a16 import w4a16_matmul
+
+    K, N = g_idx.numel(), scales.shape[1]
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer expects K = {K}")
+    if perm is not None and group_size is None:
+        raise ValueError("perm needs the group_size its sorted rows form")
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if path is None:
+        path = "gemv" if triton_gemv.supports(M, K, group_size) else large_m_path(x2, qweight, qzeros, scales, g_idx,
+                                                                                 group_size, perm)
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; known: {', '.join(PATHS)}")
+    if path == "gemv":
+        if not triton_gemv.supports(M, K, group_size):
+            raise ValueError(f"the GEMV takes 1-{triton_gemv.MAX_M} rows and whole-word groups, not M={M}, "
+                             f"group_size={group_size}")
+        out = triton_gemv.w4_gemv(x2, qweight, qzeros, scales, bias, group_size, perm)
+        return out.reshape(*x.shape[:-1], N)
+    if perm is not None:
+        x2 = x2[:, perm]  # one gather per call puts x in the sorted rows' order
+    if path == "fused":
+        out = w4a16_matmul(x2, qweight, qzeros, scales, g_idx, bias, group_size=group_size)
+    else:
+        if group_size is None:
+            raise ValueError("the dequantize path needs contiguous groups (a group_size)")
+        from minquant.kernels.triton_dequant import dequantize_t
+
+        out = x2 @ dequantize_t(qweight, qzeros, scales, group_size, x2.dtype)
+        if bias is not None:
+            out += bias.to(out.dtype)
+    return out.reshape(*x.shape[:-1], N)
+
+
+_LARGE: dict = {}  # (M bucket, K, N, group_size, dtype, device) -> "fused" or "dequant"
+
+
+def large_m_path(x2, qweight, qzeros, scales, g_idx, group_size, perm) -> str:
+    """For more rows than the GEMV takes: the faster of the fused kernel and dequantize + cuBLAS,
+    timed once per power of two of M and layer shape (CUDA graphs), then remembered.
+    Without a GPU (the interpreter) or without contiguous groups: the fused kernel."""
+    if not x2.is_cuda or group_size is None:
+        return "fused"
+    import triton
+
+    from minquant.kernels.timing import graph_time_ms
+
+    (M, K), N = x2.shape, scales.shape[1]
+    key = (triton.next_power_of_2(M), K, N, group_size, x2.dtype, x2.device)
+    if key not in _LARGE:
+        times = {p: graph_time_ms(lambda p=p: _triton_matmul(x2, qweight, qzeros, scales, g_idx, None, group_size,
+                                                             perm, p), warmup=2)
+                 for p in ("fused", "dequant")}
+        _LARGE[key] = min(times, key=times.get)
+    return _LARGE[key]

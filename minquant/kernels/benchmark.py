@@ -114,7 +114,8 @@ def bench_kernels(batches=BATCHES, shapes=SHAPES, group_size: int = 128, out: Pa
 
     from minquant.bench import RESULTS_DIR, save_results
     from minquant.kernels import dequant_matmul
-    from minquant.kernels.triton_w4a16 import graph_time_ms, tuned_config
+    from minquant.kernels.timing import graph_time_ms
+    from minquant.kernels.triton_w4a16 import tuned_config
 
     torch.manual_seed(0)
     name = "kernels_" + re.sub(r"[^a-z0-9]+", "_", gpu_name().lower()).strip("_")
@@ -212,26 +213,6 @@ def targets_reached(rows: list[dict]) -> dict:
     return out
 
 
-def graphed_step_ms(model, ids) -> float:
-    """GPU time of one decode-sized forward (1 token, no cache), replayed from a CUDA graph.
-
-    Without Python in the loop this is the time to read every weight once: what decoding costs
-    per token when the framework's overhead is gone (as in vLLM or with torch.compile)."""
-    from triton.testing import do_bench
-
-    token = ids[:, :1].clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream (autotuning happens here)
-        for _ in range(3):
-            model(token, use_cache=False)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        model(token, use_cache=False)
-    return do_bench(graph.replay)
-
-
 @torch.inference_mode()
 def decode_tokens_per_s(group_size: int = 128, new_tokens: int = 64) -> dict:
     """Batch-1 greedy decoding of a random Llama-2-7B-shaped model: fp16 vs minquant 4-bit."""
@@ -255,7 +236,10 @@ def decode_tokens_per_s(group_size: int = 128, new_tokens: int = 64) -> dict:
 
     def graphed():
         try:
-            return 1e3 / graphed_step_ms(model, ids)
+            # one decode-sized forward (1 token, no cache) per replay: the time to read every weight once,
+            # what decoding costs per token once the framework's overhead is gone (vLLM, torch.compile)
+            token = ids[:, :1].clone()
+            return 1e3 / graph_time_ms(lambda: model(token, use_cache=False), calls=1, replays=20, warmup=3)
         except Exception as e:  # capture can fail on some transformers versions; the eager number stands
             return f"{type(e).__name__}: {e}"
 

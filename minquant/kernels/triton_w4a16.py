@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from minquant.kernels.timing import graph_time_ms
+
 
 @triton.jit(do_not_specialize=["M", "m_bucket"])  # one compiled kernel for every batch size, not M == 1 apart
 def w4a16_kernel(
@@ -130,31 +132,6 @@ def fast_path_block_k(group_size: int | None, K: int) -> int:
 
 def _zero_out(nargs):
     nargs["out_ptr"].zero_()  # split-K programs add into the output: it must start at zero
-
-
-def graph_time_ms(fn, calls: int = 20, replays: int = 5) -> float:
-    """GPU milliseconds per call of fn, timed as a CUDA graph of `calls` back-to-back calls.
-
-    Python is out of the timing: launching a Triton kernel from Python costs tens of microseconds
-    of CPU, as long as the whole kernel at batch 1, and a timer around eager calls measures that.
-    The median of `replays` replays. fn must be capturable (no CPU sync); it runs once eagerly
-    first, so compiling and autotuning happen outside the capture."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def _autotune_bench(kernel_call, quantiles):
