@@ -219,3 +219,22 @@ def test_gemv_sass_is_fast(gemv_sass):
             assert r["per_weight"] <= 4.5, (name, r["per_weight"])
         if r["M"] == 1 and r["permuted"]:  # x gathered through the permutation: more per weight, still < 5
             assert r["per_weight"] <= 5.0, (name, r["per_weight"])
+
+
+def on_gpu(test):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
+@on_gpu
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_path_full_size_on_gpu(act_order, dtype):
+    """QuantLinear on a GPU: prepared once, the GEMV for 1-4 rows, the measured choice beyond."""
+    layer = make_layer(4096, 4104, QuantConfig(4, 128), act_order=act_order).cuda()
+    for M in (1, 3, 4, 16, 300):
+        x = torch.randn(M, 4096, device="cuda", dtype=dtype)
+        y = layer(x)
+        ref = reference(x, layer)
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2, M
+    p = prepare.prepare(layer)
+    assert p.group_size == 128 and (p.perm is not None) == act_order
