@@ -176,6 +176,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.update_readme()
         print(f"updated the results tables in {bench.README}")
         return
+    if args.which == "sass":
+        from minquant.kernels.benchmark import bench_sass
+
+        print(f"saved {bench_sass()}")
+        return
     if args.which == "kernels":
         from minquant.kernels.benchmark import bench_kernels
 
@@ -283,13 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
         'minquant bench readme               # README tables from data/results/',
         'minquant bench paper --model facebook/opt-125m --device cuda   # GPTQ paper, Table 3 row',
         'minquant bench paper --model meta-llama/Llama-3.2-1B --device cuda   # same recipe, our numbers',
-        "minquant bench demo                 # the demo's numbers -> data/results/demo_smollm2.json"])
-    p.add_argument("which", choices=["rtn", "gptq", "awq", "sensitivity", "mixed", "calibration", "eightbit", "claims", "packing", "kernels",
+        "minquant bench demo                 # the demo's numbers -> data/results/demo_smollm2.json",
+        "minquant bench sass                 # the GEMV's SASS per weight, sm_80/sm_90, no GPU needed"])
+    p.add_argument("which", choices=["rtn", "gptq", "awq", "sensitivity", "mixed", "calibration", "eightbit", "claims", "packing", "kernels", "sass",
                                           "paper", "demo", "readme"],
                    help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); gptq: GPTQ vs RTN vs llm-compressor on "
                         "SmolLM2; awq: AWQ vs llm-compressor's AWQ on SmolLM2; sensitivity: per-layer proxies vs "
                         "measured loss; mixed: mixed-precision GPTQ vs uniform; calibration: GPTQ/AWQ by calibration data; eightbit: int8 and fp8 weights; claims: the course's claims vs our numbers; packing: bytes on disk; "
-                        "kernels: the W4A16 kernel on a GPU; paper: the GPTQ paper's protocol on --model (a Table 3 row for "
+                        "kernels: the W4A16 kernels on a GPU; sass: the GEMV's SASS figures for sm_80/sm_90, compiled on this "
+                        "machine (no GPU needed); paper: the GPTQ paper's protocol on --model (a Table 3 row for "
                         "OPT-125M); demo: what make demo measures; readme: README tables from data/results/")
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="gptq/awq/mixed/calibration: run only the entries whose label matches "
                    "(e.g. 'GPTQ W4 g64*' 'fp32'); entries already saved are skipped")

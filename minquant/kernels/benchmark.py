@@ -336,3 +336,71 @@ def kernels_table(record: dict, batches=(1, 16, 128, 512)) -> str:
                       f"{d['fp16_tokens_per_s']:.1f}, minquant 4-bit {d['minquant_w4_tokens_per_s']:.1f} tokens/s "
                       f"({d['speedup']:.2f}x){graphed}."]
     return "\n".join(lines)
+
+
+def _old_kernel_sass(capability: int, K: int = 8192, N: int = 8192, group_size: int = 128) -> dict:
+    """The fused kernel's batch-1 configuration, for comparison (the GEMV replaced it at 1-4 rows)."""
+    from minquant.kernels import sass
+    from minquant.kernels.triton_w4a16 import SKINNY_CONFIGS, w4a16_kernel
+
+    bm, bn, bk, split, warps, stages = SKINNY_CONFIGS[0]
+    ints = dict(M=2, N=N, K=K, group_k=group_size, m_bucket=2, stride_xm=K, stride_xk=1, stride_qk=N, stride_qn=1,
+                stride_zg=N // 8, stride_zn=1, stride_sg=N, stride_sn=1, stride_om=N, stride_on=1)
+    args = dict(x_ptr="*fp16", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", g_idx_ptr="*i32",
+                out_ptr="*fp16", **ints)
+    k = sass.compile_for_gpu(w4a16_kernel, args, {"GROUPED": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                                                  "SPLIT_K": split}, capability=capability, num_warps=warps,
+                             num_stages=stages)
+    r = sass.report(k, bk * bn // (32 * warps))
+    return {"kernel": "triton_w4a16 (fused, BLOCK_M=1)", "config": SKINNY_CONFIGS[0],
+            "instructions_per_weight": r.per_weight, "loads": r.loads, "converts": r.converts, "spills": r.spills,
+            "registers": r.registers}
+
+
+def bench_sass(out: Path | None = None) -> Path:
+    """`minquant bench sass`: the GEMV's SASS figures for sm_80 and sm_90, compiled on this (CPU) machine."""
+    import triton
+
+    from minquant.bench import save_results
+    from minquant.kernels import sass
+    from minquant.kernels.triton_gemv import DEFAULT_CONFIG, MAGIC, NIBBLE_SHIFT, gemv_kernel, launch_args
+
+    K = N = 8192
+    rows = []
+    for cap in (80, 90):
+        for M, dt, permuted in ((1, "fp16", False), (1, "bf16", False), (1, "fp16", True), (2, "fp16", False),
+                                (4, "fp16", False)):
+            a = launch_args(M, K, N, 128, DEFAULT_CONFIG)
+            args = dict(x_ptr=f"*{dt}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
+                        perm_ptr="*i32", out_ptr=f"*{dt}", N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT,
+                        stride_xm=K, stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
+            k = sass.compile_for_gpu(gemv_kernel, args, {**a["constexprs"], "HAS_BIAS": False, "PERMUTED": permuted},
+                                     capability=cap, num_warps=a["num_warps"])
+            block_n, slots, _split, warps = DEFAULT_CONFIG
+            r = sass.report(k, slots * a["constexprs"]["CHUNK_W"] * block_n * 8 // (32 * warps))
+            rows.append({"capability": cap, "M": M, "dtype": dt, "act_order": permuted,
+                         "instructions_per_weight": r.per_weight, "loop_opcodes": r.opcodes, "loads": r.loads,
+                         "converts": r.converts, "spills": r.spills, "registers": r.registers})
+            print(f"sm_{cap} M={M} {dt}{' act-order' if permuted else ''}: {r.summary()}", flush=True)
+    before = [_old_kernel_sass(cap) for cap in (80, 90)]
+    protocol = {"shape": "K = N = 8192, g128", "config": DEFAULT_CONFIG, "triton": triton.__version__,
+                "how": "triton.compile for GPUTarget('cuda', cap, 32) with the JIT's specialisation (pointers and "
+                       "ints divisible by 16 marked), SASS from cuobjdump; per weight = instructions in the main "
+                       "loop / weights a thread handles per iteration"}
+    return save_results("sass_kernels", protocol, {"gemv": rows, "fused_kernel_batch1": before}, out)
+
+
+def sass_table(record: dict) -> str:
+    p, r = record["protocol"], record["results"]
+    lines = [f"SASS of the batch-1 GEMV (`minquant bench sass`, {record['date'][:10]}, Triton {p['triton']}; "
+             f"{p['shape']}, compiled on a CPU for each architecture).", "",
+             "| arch | rows of x | x dtype | act-order | SASS instr. per weight | 128-bit weight loads | I2F | spills | registers |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    for row in r["gemv"]:
+        wide = sum(v for k, v in row["loads"].items() if k.endswith(".128"))
+        i2f = sum(v for k, v in row["converts"].items() if k.startswith("I2F"))
+        lines.append(f"| sm_{row['capability']} | {row['M']} | {row['dtype']} | {'yes' if row['act_order'] else 'no'} | "
+                     f"{row['instructions_per_weight']:.2f} | {wide} | {i2f} | {row['spills']} | {row['registers']} |")
+    old = ", ".join(f"sm_{80 if i == 0 else 90} {b['instructions_per_weight']:.2f}" for i, b in enumerate(r["fused_kernel_batch1"]))
+    lines += ["", f"The fused kernel it replaces at batch 1 spent {old} instructions per weight."]
+    return "\n".join(lines)
