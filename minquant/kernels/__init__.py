@@ -2,7 +2,8 @@
 
     reference.py      the torch reference: unpack a chunk, scale, matmul (any device, any bits)
     triton_gemv.py    4-bit GEMV for 1-4 rows (decoding): each word read once, 3 instructions a weight
-    triton_w4a16.py   4-bit fused kernel for more rows: tensor cores, scale and zero per column
+    triton_tc.py      4-bit tensor-core kernel for about 5-64 rows: words loaded once, magic-number unpack
+    triton_w4a16.py   4-bit fused kernel for any group size and act-order g_idx (the first kernel)
     triton_dequant.py 4-bit weights to fp16 in one pass, for cuBLAS at large batches
     prepare.py        what the kernels derive once per layer (act-order sorted to contiguous groups)
     timing.py         GPU time from CUDA graphs (kernels, autotuning, decode steps)
@@ -11,8 +12,9 @@
 
 `dequant_matmul` picks the Triton kernels for 4-bit CUDA tensors when Triton is installed, and the
 reference otherwise; `backend=` forces one (tests and benchmarks). Among the Triton paths: the GEMV
-for up to 4 rows, and for more rows the faster of the fused kernel and dequantize-then-cuBLAS,
-measured once per shape on the GPU at hand (a batch size is never much slower than the best of the two).
+for up to 4 rows, and for more rows the fastest of the tensor-core kernel, the fused kernel and
+dequantize-then-cuBLAS, measured once per shape on the GPU at hand (so no batch size is much slower
+than the best of them).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from minquant.kernels import reference
 
 BACKENDS = ("torch", "triton")
-PATHS = ("gemv", "fused", "dequant")
+PATHS = ("gemv", "tc", "fused", "dequant")
 
 
 def choose_backend(x: torch.Tensor, bits: int) -> str:
@@ -40,7 +42,7 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     group_size (-1: per-channel) promises that g_idx is the contiguous k // group_size (no act-order);
     the Triton kernels then skip g_idx. Leave it None when unsure: g_idx is always honoured.
     perm: qweight's rows were sorted by group (minquant.kernels.prepare): row i is input perm[i].
-    path: force one Triton path ("gemv", "fused", "dequant") instead of choosing (tests, benchmarks)."""
+    path: force one Triton path ("gemv", "tc", "fused", "dequant") instead of choosing (tests, benchmarks)."""
     backend = backend or choose_backend(x, bits)
     if backend == "torch":
         if perm is not None:
@@ -78,7 +80,11 @@ def _triton_matmul(x, qweight, qzeros, scales, g_idx, bias, group_size, perm, pa
         return out.reshape(*x.shape[:-1], N)
     if perm is not None:
         x2 = x2[:, perm]  # one gather per call puts x in the sorted rows' order
-    if path == "fused":
+    if path == "tc":
+        from minquant.kernels.triton_tc import w4_tc_matmul
+
+        out = w4_tc_matmul(x2, qweight, qzeros, scales, bias, group_size)
+    elif path == "fused":
         out = w4a16_matmul(x2, qweight, qzeros, scales, g_idx, bias, group_size=group_size)
     else:
         if group_size is None:
@@ -91,24 +97,31 @@ def _triton_matmul(x, qweight, qzeros, scales, g_idx, bias, group_size, perm, pa
     return out.reshape(*x.shape[:-1], N)
 
 
-_LARGE: dict = {}  # (M bucket, K, N, group_size, dtype, device) -> "fused" or "dequant"
+_LARGE: dict = {}  # (M bucket, K, N, group_size, dtype, device) -> "tc", "fused" or "dequant"
 
 
 def large_m_path(x2, qweight, qzeros, scales, g_idx, group_size, perm) -> str:
-    """For more rows than the GEMV takes: the faster of the fused kernel and dequantize + cuBLAS,
-    timed once per power of two of M and layer shape (CUDA graphs), then remembered.
-    Without a GPU (the interpreter) or without contiguous groups: the fused kernel."""
-    if not x2.is_cuda or group_size is None:
+    """For more rows than the GEMV takes: the fastest of the tensor-core kernel (groups of >= 128),
+    the fused kernel and dequantize + cuBLAS, timed once per power of two of M and layer shape (CUDA
+    graphs), then remembered. Without a GPU (the interpreter): the tensor-core kernel where it applies
+    and M <= 64, else the fused one. Without contiguous groups only the fused kernel is right."""
+    from minquant.kernels import triton_tc
+
+    (M, K), N = x2.shape, scales.shape[1]
+    tc = triton_tc.supports(M, K, group_size)
+    if group_size is None:
         return "fused"
+    if not x2.is_cuda:
+        return "tc" if tc and M <= 64 else "fused"
     import triton
 
     from minquant.kernels.timing import graph_time_ms
 
-    (M, K), N = x2.shape, scales.shape[1]
     key = (triton.next_power_of_2(M), K, N, group_size, x2.dtype, x2.device)
     if key not in _LARGE:
+        candidates = ("tc", "fused", "dequant") if tc else ("fused", "dequant")
         times = {p: graph_time_ms(lambda p=p: _triton_matmul(x2, qweight, qzeros, scales, g_idx, None, group_size,
                                                              perm, p), warmup=2)
-                 for p in ("fused", "dequant")}
+                 for p in candidates}
         _LARGE[key] = min(times, key=times.get)
     return _LARGE[key]

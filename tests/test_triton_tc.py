@@ -1,0 +1,98 @@
+"""The small-batch tensor-core kernel against float64 (Triton's interpreter on CPU), and its SASS on sm_80/sm_90."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minquant.quant import QuantConfig
+
+triton = pytest.importorskip("triton")  # conftest.py has switched on the interpreter when there is no GPU
+from minquant import kernels  # noqa: E402
+from minquant.kernels import prepare, triton_tc  # noqa: E402
+from test_triton_gemv import close, interpreted, make_layer  # noqa: E402
+
+
+@interpreted
+@pytest.mark.parametrize("M", [5, 16, 33])
+@pytest.mark.parametrize("group_size", [128, 256, -1])
+def test_tc_matches_float64(M, group_size):
+    for dtype, N in ((torch.float32, 72), (torch.float16, 128)):  # 72: a ragged last column tile
+        layer = make_layer(512, N, QuantConfig(4, group_size, symmetric=group_size == 256), bias=N == 72, seed=M)
+        x = torch.randn(M, 512).to(dtype)
+        y = triton_tc.w4_tc_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.bias, group_size)
+        assert y.dtype == dtype and y.shape == (M, N)
+        close(y, x, layer, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("config", triton_tc.CONFIGS, ids=str)
+def test_every_tc_configuration(config):
+    layer = make_layer(384, 136, QuantConfig(4, 128), seed=config[1])
+    x = torch.randn(20, 384)
+    close(triton_tc.w4_tc_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.bias, 128, config=config),
+          x, layer, torch.float32)
+
+
+@interpreted
+def test_tc_through_dispatch_with_act_order():
+    layer = make_layer(256, 64, QuantConfig(4, 128), act_order=True)
+    p = prepare.prepare(layer)
+    x = torch.randn(3, 4, 256)
+    assert kernels.large_m_path(x.reshape(12, 256), p.qweight, layer.qzeros, layer.scales, layer.g_idx, 128, p.perm) == "tc"
+    y = kernels.dequant_matmul(x, p.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, layer.bias, backend="triton",
+                               group_size=p.group_size, perm=p.perm)
+    close(y.reshape(12, 64), x.reshape(12, 256), layer, torch.float32)
+
+
+def test_tc_takes_what_it_can():
+    assert triton_tc.supports(16, 4096, 128) and triton_tc.supports(16, 4096, -1) and triton_tc.supports(8, 768, 768)
+    assert not triton_tc.supports(16, 4096, 64)      # a dot is 16 words = 128 inputs deep: smaller groups go elsewhere
+    assert not triton_tc.supports(16, 4096, None)
+    assert not triton_tc.supports(16, 576, -1)       # K not a multiple of 128 (SmolLM2: its layers take the others)
+    layer = make_layer(256, 16, QuantConfig(4, 64))
+    with pytest.raises(ValueError, match="multiples of 128 inputs, not K=256, group_size=64"):
+        triton_tc.w4_tc_matmul(torch.randn(8, 256), layer.qweight, layer.qzeros, layer.scales, None, 64)
+
+
+SASS_CHECK = """
+import json
+from minquant.kernels import sass
+from minquant.kernels.triton_gemv import MAGIC, NIBBLE_SHIFT
+from minquant.kernels.triton_tc import CONFIGS, launch_args, tc_kernel
+K = N = 8192
+out = []
+for cap in (80, 90):
+    for dt in ("fp16", "bf16"):
+        config = CONFIGS[0]
+        a = launch_args(16, K, N, 128, config)
+        args = dict(x_ptr=f"*{dt}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
+                    out_ptr=f"*{dt}", M=16, N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT, stride_xm=K,
+                    stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
+        k = sass.compile_for_gpu(tc_kernel, args, {**a["constexprs"], "HAS_BIAS": True, "PRECISION": "tf32"},
+                                 capability=cap, num_warps=a["num_warps"], num_stages=a["num_stages"])
+        wpt = config[1] * 128 // (32 * config[3])
+        r = sass.report(k, wpt)
+        loop = sass.main_loop(sass.sass_of(k))
+        wide = sum(1 for ins in loop if sass.opcode(ins).startswith("LDG") and sass.opcode(ins).endswith(".128"))
+        out.append(dict(cap=cap, dtype=dt, per_weight=r.per_weight, wide_loads=wide, words_per_thread=wpt // 8,
+                        mma=sum(v for op, v in r.opcodes.items() if op.startswith("HMMA")),
+                        converts=r.converts, spills=r.spills))
+print(json.dumps(out))
+"""
+
+
+def test_tc_sass_is_fast():
+    """At M = 16, 8192 x 8192 g128: 16-byte weight loads (each word once), tensor-core MMAs, no I2F,
+    no spills, at most 5.5 SASS instructions per weight."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SASS_CHECK], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for r in json.loads(run.stdout.strip().splitlines()[-1]):
+        name = f"sm_{r['cap']} {r['dtype']}"
+        assert r["spills"] == 0 and r["mma"] > 0, name
+        assert not any(c.startswith(("I2F", "I2FP")) for c in r["converts"]), (name, r["converts"])
+        assert r["wide_loads"] * 4 == r["words_per_thread"], name
+        assert r["per_weight"] <= 5.5, (name, r["per_weight"])
