@@ -64,35 +64,37 @@ from minquant.kernels.triton_gemv import MAGIC, NIBBLE_SHIFT
 from minquant.kernels.triton_tc import CONFIGS, launch_args, tc_kernel
 K = N = 8192
 out = []
-for cap in (80, 90):
-    for dt in ("fp16", "bf16"):
-        config = CONFIGS[0]
-        a = launch_args(16, K, N, 128, config)
-        args = dict(x_ptr=f"*{dt}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
-                    out_ptr=f"*{dt}", M=16, N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT, stride_xm=K,
-                    stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
-        k = sass.compile_for_gpu(tc_kernel, args, {**a["constexprs"], "HAS_BIAS": True, "PRECISION": "tf32"},
-                                 capability=cap, num_warps=a["num_warps"], num_stages=a["num_stages"])
-        wpt = config[1] * 128 // (32 * config[3])
-        r = sass.report(k, wpt)
-        loop = sass.main_loop(sass.sass_of(k))
-        wide = sum(1 for ins in loop if sass.opcode(ins).startswith("LDG") and sass.opcode(ins).endswith(".128"))
-        out.append(dict(cap=cap, dtype=dt, per_weight=r.per_weight, wide_loads=wide, words_per_thread=wpt // 8,
-                        mma=sum(v for op, v in r.opcodes.items() if op.startswith("HMMA")),
-                        converts=r.converts, spills=r.spills))
+cases = [(cap, dt, 16, CONFIGS[0]) for cap in (80, 90) for dt in ("fp16", "bf16")]
+cases += [(90, "fp16", c[0], c) for c in CONFIGS[1:]]  # every configuration the tuner may pick, at its M
+for cap, dt, M, config in cases:
+    a = launch_args(M, K, N, 128, config)
+    args = dict(x_ptr=f"*{dt}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
+                out_ptr=f"*{dt}", M=M, N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT, stride_xm=K,
+                stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
+    k = sass.compile_for_gpu(tc_kernel, args, {**a["constexprs"], "HAS_BIAS": True, "PRECISION": "tf32"},
+                             capability=cap, num_warps=a["num_warps"], num_stages=a["num_stages"])
+    wpt = config[1] * 128 // (32 * config[3])
+    r = sass.report(k, wpt)
+    loop = sass.main_loop(sass.sass_of(k))
+    wide = sum(1 for ins in loop if sass.opcode(ins) == "LDG.E.EF.128")  # the weights (x: plain LDG.E.128)
+    out.append(dict(cap=cap, dtype=dt, M=M, config=config, per_weight=r.per_weight, wide_loads=wide,
+                    words_per_thread=wpt // 8,
+                    mma=sum(v for op, v in r.opcodes.items() if op.startswith(("HMMA", "HGMMA"))),  # mma / wgmma
+                    converts=r.converts, spills=r.spills))
 print(json.dumps(out))
 """
 
 
 def test_tc_sass_is_fast():
-    """At M = 16, 8192 x 8192 g128: 16-byte weight loads (each word once), tensor-core MMAs, no I2F,
-    no spills, at most 5.5 SASS instructions per weight."""
+    """8192 x 8192 g128: 16-byte weight loads (each word once), tensor-core MMAs, no I2F, no spills in any
+    configuration; at M = 16 and 32 at most 5.5 SASS instructions per weight (at 64 the x side grows)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", SASS_CHECK], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     for r in json.loads(run.stdout.strip().splitlines()[-1]):
-        name = f"sm_{r['cap']} {r['dtype']}"
+        name = f"sm_{r['cap']} {r['dtype']} M={r['M']} {r['config']}"
         assert r["spills"] == 0 and r["mma"] > 0, name
         assert not any(c.startswith(("I2F", "I2FP")) for c in r["converts"]), (name, r["converts"])
         assert r["wide_loads"] * 4 == r["words_per_thread"], name
-        assert r["per_weight"] <= 5.5, (name, r["per_weight"])
+        if r["M"] <= 32:
+            assert r["per_weight"] <= 5.5, (name, r["per_weight"])

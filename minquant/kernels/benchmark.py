@@ -100,7 +100,8 @@ def full_size_checks(group_size: int) -> list[dict]:
             layer = random_layer(K, N, group_size, act_order=act_order)
             p = prepare.prepare(layer)
             w64 = layer.dequantize_weight(torch.float64)
-            for M, path in ((1, "gemv"), (4, "gemv"), (16, "fused"), (33, "fused"), (512, "fused"), (512, "dequant")):
+            for M, path in ((1, "gemv"), (4, "gemv"), (16, "tc"), (64, "tc"), (16, "fused"), (33, "fused"),
+                               (512, "fused"), (512, "dequant")):
                 for dtype in (torch.float16, torch.bfloat16):
                     x = torch.randn(M, K, device="cuda", dtype=dtype)
                     y = dequant_matmul(x, p.qweight, layer.qzeros, layer.scales, layer.g_idx, 4, backend="triton",
@@ -357,6 +358,25 @@ def _old_kernel_sass(capability: int, K: int = 8192, N: int = 8192, group_size: 
             "registers": r.registers}
 
 
+def _tc_sass(capability: int, M: int, K: int = 8192, N: int = 8192) -> dict:
+    """The small-batch tensor-core kernel's SASS figures (its first configuration at this M)."""
+    from minquant.kernels import sass
+    from minquant.kernels.triton_gemv import MAGIC, NIBBLE_SHIFT
+    from minquant.kernels.triton_tc import CONFIGS, launch_args, tc_kernel
+
+    config = next(c for c in CONFIGS if c[0] == M and c[2] == 1)
+    a = launch_args(M, K, N, 128, config)
+    args = dict(x_ptr="*fp16", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
+                out_ptr="*fp16", M=M, N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT, stride_xm=K,
+                stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
+    k = sass.compile_for_gpu(tc_kernel, args, {**a["constexprs"], "HAS_BIAS": False, "PRECISION": "tf32"},
+                             capability=capability, num_warps=a["num_warps"], num_stages=a["num_stages"])
+    r = sass.report(k, config[1] * 128 // (32 * config[3]))
+    return {"capability": capability, "M": M, "config": config, "instructions_per_weight": r.per_weight,
+            "loads": r.loads, "converts": r.converts, "spills": r.spills, "registers": r.registers,
+            "summary": r.summary()}
+
+
 def bench_sass(out: Path | None = None) -> Path:
     """`minquant bench sass`: the GEMV's SASS figures for sm_80 and sm_90, compiled on this (CPU) machine."""
     import triton
@@ -383,11 +403,14 @@ def bench_sass(out: Path | None = None) -> Path:
                          "converts": r.converts, "spills": r.spills, "registers": r.registers})
             print(f"sm_{cap} M={M} {dt}{' act-order' if permuted else ''}: {r.summary()}", flush=True)
     before = [_old_kernel_sass(cap) for cap in (80, 90)]
+    tc_rows = [_tc_sass(cap, M) for cap in (80, 90) for M in (16, 64)]
+    for r in tc_rows:
+        print(f"tensor-core sm_{r['capability']} M={r['M']}: {r['summary']}", flush=True)
     protocol = {"shape": "K = N = 8192, g128", "config": DEFAULT_CONFIG, "triton": triton.__version__,
                 "how": "triton.compile for GPUTarget('cuda', cap, 32) with the JIT's specialisation (pointers and "
                        "ints divisible by 16 marked), SASS from cuobjdump; per weight = instructions in the main "
                        "loop / weights a thread handles per iteration"}
-    return save_results("sass_kernels", protocol, {"gemv": rows, "fused_kernel_batch1": before}, out)
+    return save_results("sass_kernels", protocol, {"gemv": rows, "tc": tc_rows, "fused_kernel_batch1": before}, out)
 
 
 def sass_table(record: dict) -> str:
@@ -403,4 +426,8 @@ def sass_table(record: dict) -> str:
                      f"{row['instructions_per_weight']:.2f} | {wide} | {i2f} | {row['spills']} | {row['registers']} |")
     old = ", ".join(f"sm_{80 if i == 0 else 90} {b['instructions_per_weight']:.2f}" for i, b in enumerate(r["fused_kernel_batch1"]))
     lines += ["", f"The fused kernel it replaces at batch 1 spent {old} instructions per weight."]
+    if r.get("tc"):
+        tc = "; ".join(f"sm_{t['capability']} M={t['M']} {t['instructions_per_weight']:.2f} (config {tuple(t['config'])}, "
+                       f"{t['spills']} spills, {t['registers']} registers)" for t in r["tc"])
+        lines += ["", f"The small-batch tensor-core kernel, SASS instructions per weight: {tc}."]
     return "\n".join(lines)

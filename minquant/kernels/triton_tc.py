@@ -14,7 +14,7 @@ Each int32 word is loaded once, as a (CHUNK_W, BLOCK_N) tile of 16-byte loads al
 holds the weights of inputs k = 8 kw + j, for every word row kw of the tile. A dot product may sum
 over K in any order, as long as both operands use the same one, so instead of interleaving the 8
 nibbles back into K order the kernel does 8 dots of depth CHUNK_W: nibble j of the weights against
-inputs 8 kw + j of x (a strided load of x, which is small). Unpacking is the GEMV's magic-number
+inputs 8 kw + j of x (x loaded 16 bytes at a time, then split into the 8 planes in registers). Unpacking is the GEMV's magic-number
 trick (q - zero exactly, no convert from integer), then one fp32 -> fp16 pack per two weights for
 the MMA. A step covers 8 x CHUNK_W = 128 inputs inside one group, so the scale multiplies the
 partial product once per column per step.
@@ -34,9 +34,21 @@ CHUNK_W = 16  # words of K per step: the dots' depth
 
 
 @triton.jit
-def _x_nibble(x_ptr, kw, offs_m, stride_xm, j, mask_m):
-    """Inputs 8 kw + j of each row of x: (BLOCK_M, 16), in x's dtype (rows past M read as 0)."""
-    return tl.load(x_ptr + offs_m[:, None] * stride_xm + (kw * 8 + j)[None, :], mask=mask_m[:, None], other=0.0)
+def _x_planes(x_ptr, kw, offs_m, stride_xm, mask_m):
+    """x's 128 inputs of this step as 8 planes (BLOCK_M, 16): plane j holds inputs 8 kw + j. One
+    contiguous load (16 bytes per row and word), then split in registers."""
+    eight = tl.arange(0, 8)
+    x = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + (kw * 8)[None, :, None] + eight[None, None, :],
+                mask=mask_m[:, None, None], other=0.0)                      # (BLOCK_M, 16, 8)
+    x = tl.reshape(x, (x.shape[0], 16, 2, 2, 2))                          # j = 4a + 2b + c
+    lo_c, hi_c = tl.split(x)                                              # c = 0, 1
+    c0b0, c0b1 = tl.split(lo_c)
+    c1b0, c1b1 = tl.split(hi_c)
+    x0, x4 = tl.split(c0b0)
+    x2, x6 = tl.split(c0b1)
+    x1, x5 = tl.split(c1b0)
+    x3, x7 = tl.split(c1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -67,21 +79,22 @@ def tc_kernel(
         kw = c * 16 + words
         w = tl.load(qweight_ptr + kw[:, None] * stride_qk + nn[None, :], eviction_policy="evict_first")  # (16, BLOCK_N)
         wh = w >> shift
-        part = tl.dot(_x_nibble(x_ptr, kw, offs_m, stride_xm, 0, mask_m), _minus_zero(w, 0xF, magic, z0).to(dt),
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x_ptr, kw, offs_m, stride_xm, mask_m)
+        part = tl.dot(x0, _minus_zero(w, 0xF, magic, z0).to(dt),
                       input_precision=PRECISION)
-        part = tl.dot(_x_nibble(x_ptr, kw, offs_m, stride_xm, 1, mask_m), _minus_zero(w, 0xF0, m1, z1).to(dt), part,
+        part = tl.dot(x1, _minus_zero(w, 0xF0, m1, z1).to(dt), part,
                       input_precision=PRECISION)
-        part = tl.dot(_x_nibble(x_ptr, kw, offs_m, stride_xm, 2, mask_m), _minus_zero(w, 0xF00, m2, z2).to(dt), part,
+        part = tl.dot(x2, _minus_zero(w, 0xF00, m2, z2).to(dt), part,
                       input_precision=PRECISION)
-        part = tl.dot(_x_nibble(x_ptr, kw, offs_m, stride_xm, 3, mask_m), _minus_zero(w, 0xF000, m3, z3).to(dt), part,
+        part = tl.dot(x3, _minus_zero(w, 0xF000, m3, z3).to(dt), part,
                       input_precision=PRECISION)
-        part = tl.dot(_x_nibble(x_ptr, kw, offs_m, stride_xm, 4, mask_m), _minus_zero(w, 0xF0000, m4, z4).to(dt), part,
+        part = tl.dot(x4, _minus_zero(w, 0xF0000, m4, z4).to(dt), part,
                       input_precision=PRECISION)
-        part = tl.dot(_x_nibble(x_ptr, kw, offs_m, stride_xm, 5, mask_m), _minus_zero(wh, 0xF00, m2, z2).to(dt), part,
+        part = tl.dot(x5, _minus_zero(wh, 0xF00, m2, z2).to(dt), part,
                       input_precision=PRECISION)
-        part = tl.dot(_x_nibble(x_ptr, kw, offs_m, stride_xm, 6, mask_m), _minus_zero(wh, 0xF000, m3, z3).to(dt), part,
+        part = tl.dot(x6, _minus_zero(wh, 0xF000, m3, z3).to(dt), part,
                       input_precision=PRECISION)
-        part = tl.dot(_x_nibble(x_ptr, kw, offs_m, stride_xm, 7, mask_m), _minus_zero(wh, 0xF0000, m4, z4).to(dt), part,
+        part = tl.dot(x7, _minus_zero(wh, 0xF0000, m4, z4).to(dt), part,
                       input_precision=PRECISION)
         acc += s * part                                           # q - zero are integers: exact in fp16/bf16
     if HAS_BIAS:
@@ -97,8 +110,8 @@ def tc_kernel(
 # (BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages). One stage: the weights are unpacked in registers
 # on their way to the MMA, and the pipeliner's asynchronous copies would route them through shared
 # memory as 4-byte pieces (more instructions per weight, measured with kernels.sass).
-CONFIGS = [(16, 128, 1, 4, 1), (16, 256, 1, 8, 1), (32, 128, 1, 4, 1), (64, 128, 1, 8, 1), (16, 128, 2, 4, 1),
-           (16, 128, 4, 4, 1), (32, 256, 1, 8, 1), (64, 64, 1, 4, 1)]
+CONFIGS = [(16, 128, 1, 4, 1), (16, 256, 1, 4, 1), (16, 256, 1, 8, 1), (32, 128, 1, 4, 1), (32, 256, 1, 8, 1),
+           (64, 128, 1, 8, 1), (16, 128, 2, 4, 1), (16, 128, 4, 4, 1)]  # (64, 256, ...) and (64, 128, 1, 4) spill
 DEFAULT_CONFIG = CONFIGS[0]
 
 
