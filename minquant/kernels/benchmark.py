@@ -158,11 +158,13 @@ def bench_kernels(batches=BATCHES, shapes=SHAPES, group_size: int = 128, out: Pa
                 "rotation_bytes": ROTATE_BYTES, "targets": TARGETS, "triton": triton.__version__,
                 "cuda": torch.version.cuda}
     major, minor = torch.cuda.get_device_capability()
-    try:
-        protocol["gemv_sass"] = gemv_sass(10 * major + minor)
-        print(f"GEMV SASS (sm_{major}{minor}): {protocol['gemv_sass']['summary']}", flush=True)
-    except Exception as e:  # a new architecture this Triton cannot target: the timings still count
-        protocol["gemv_sass"] = {"error": f"{type(e).__name__}: {e}"}
+    for key, figures in (("gemv_sass", lambda: gemv_sass(10 * major + minor)),
+                         ("tc_sass", lambda: _tc_sass(10 * major + minor, 16))):
+        try:
+            protocol[key] = figures()
+            print(f"{key} (sm_{major}{minor}): {protocol[key]['summary']}", flush=True)
+        except Exception as e:  # an architecture this Triton cannot target: the timings still count
+            protocol[key] = {"error": f"{type(e).__name__}: {e}"}
     protocol["copy_bandwidth_gbs"] = copy_bw = copy_bandwidth_gbs(do_bench)
     print(f"{gpu_name()}: device-to-device copy {copy_bw:.0f} GB/s (read + write)", flush=True)
     checks = full_size_checks(group_size)
