@@ -14,15 +14,7 @@ from minquant.quant import QuantConfig
 triton = pytest.importorskip("triton")  # conftest.py has switched on the interpreter when there is no GPU
 from minquant import kernels  # noqa: E402
 from minquant.kernels import prepare, triton_gemv  # noqa: E402
-
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="CPU tensors: runs through the Triton interpreter (set when there is no GPU)")
-
-
-def reference(x, layer):
-    """float64: x @ W^T + b with W dequantized from the layer's GPTQ buffers (g_idx honoured)."""
-    y = x.double() @ layer.dequantize_weight(torch.float64).t()
-    return y + layer.bias.double() if layer.bias is not None else y
+from test_triton_w4a16 import interpreted, on_gpu, reference  # noqa: E402  (x @ W^T in float64, g_idx honoured)
 
 
 def make_layer(K, N, cfg, bias=True, act_order=False, seed=0):
@@ -174,26 +166,16 @@ def test_dispatch_errors():
 
 SASS_CHECK = """
 import json
-from minquant.kernels import sass
-from minquant.kernels.triton_gemv import CONFIGS, MAGIC, NIBBLE_SHIFT, gemv_kernel, launch_args
-K = N = 8192
+from minquant.kernels import sass, triton_gemv
 out = []
 for cap in (80, 90):
     for M, dt, permuted in ((1, "fp16", False), (1, "bf16", False), (1, "fp16", True), (4, "fp16", False)):
-        config = CONFIGS[0]
-        a = launch_args(M, K, N, 128, config)
-        args = dict(x_ptr=f"*{dt}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
-                    perm_ptr="*i32", out_ptr=f"*{dt}", N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT,
-                    stride_xm=K, stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
-        k = sass.compile_for_gpu(gemv_kernel, args, {**a["constexprs"], "HAS_BIAS": True, "PERMUTED": permuted},
-                                 capability=cap, num_warps=a["num_warps"])
-        block_n, slots, split, warps = config
-        wpt = slots * a["constexprs"]["CHUNK_W"] * block_n * 8 // (32 * warps)
-        r = sass.report(k, wpt)
-        loop = sass.main_loop(sass.sass_of(k))
+        compiled, per_thread = triton_gemv.compile_for(cap, M, dtype=dt, permuted=permuted, bias=True)
+        r = sass.report(compiled, per_thread)
+        loop = sass.main_loop(sass.sass_of(compiled))
         wide = sum(1 for ins in loop if sass.opcode(ins).startswith("LDG") and sass.opcode(ins).endswith(".128"))
         out.append(dict(cap=cap, M=M, dtype=dt, permuted=permuted, per_weight=r.per_weight, wide_loads=wide,
-                        evict_first=sum(1 for ins in loop if ".EF." in ins), words_per_thread=wpt // 8,
+                        evict_first=sum(1 for ins in loop if ".EF." in ins), words_per_thread=per_thread // 8,
                         converts=r.converts, spills=r.spills, registers=r.registers))
 print(json.dumps(out))
 """
@@ -219,10 +201,6 @@ def test_gemv_sass_is_fast(gemv_sass):
             assert r["per_weight"] <= 4.5, (name, r["per_weight"])
         if r["M"] == 1 and r["permuted"]:  # x gathered through the permutation: more per weight, still < 5
             assert r["per_weight"] <= 5.0, (name, r["per_weight"])
-
-
-def on_gpu(test):
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 @on_gpu

@@ -59,28 +59,18 @@ def test_tc_takes_what_it_can():
 
 SASS_CHECK = """
 import json
-from minquant.kernels import sass
-from minquant.kernels.triton_gemv import MAGIC, NIBBLE_SHIFT
-from minquant.kernels.triton_tc import CONFIGS, launch_args, tc_kernel
-K = N = 8192
+from minquant.kernels import sass, triton_tc
+cases = [(cap, dt, 16, triton_tc.CONFIGS[0]) for cap in (80, 90) for dt in ("fp16", "bf16")]
+cases += [(90, "fp16", c[0], c) for c in triton_tc.CONFIGS[1:]]  # every configuration the tuner may pick, at its M
 out = []
-cases = [(cap, dt, 16, CONFIGS[0]) for cap in (80, 90) for dt in ("fp16", "bf16")]
-cases += [(90, "fp16", c[0], c) for c in CONFIGS[1:]]  # every configuration the tuner may pick, at its M
 for cap, dt, M, config in cases:
-    a = launch_args(M, K, N, 128, config)
-    args = dict(x_ptr=f"*{dt}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
-                out_ptr=f"*{dt}", M=M, N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT, stride_xm=K,
-                stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
-    k = sass.compile_for_gpu(tc_kernel, args, {**a["constexprs"], "HAS_BIAS": True, "PRECISION": "tf32"},
-                             capability=cap, num_warps=a["num_warps"], num_stages=a["num_stages"])
-    wpt = config[1] * 128 // (32 * config[3])
-    r = sass.report(k, wpt)
-    loop = sass.main_loop(sass.sass_of(k))
+    compiled, per_thread = triton_tc.compile_for(cap, M, dtype=dt, bias=True, config=config)
+    r = sass.report(compiled, per_thread)
+    loop = sass.main_loop(sass.sass_of(compiled))
     wide = sum(1 for ins in loop if sass.opcode(ins) == "LDG.E.EF.128")  # the weights (x: plain LDG.E.128)
     out.append(dict(cap=cap, dtype=dt, M=M, config=config, per_weight=r.per_weight, wide_loads=wide,
-                    words_per_thread=wpt // 8,
-                    mma=sum(v for op, v in r.opcodes.items() if op.startswith(("HMMA", "HGMMA"))),  # mma / wgmma
-                    converts=r.converts, spills=r.spills))
+                    words_per_thread=per_thread // 8, converts=r.converts, spills=r.spills,
+                    mma=sum(v for op, v in r.opcodes.items() if op.startswith(("HMMA", "HGMMA")))))  # mma / wgmma
 print(json.dumps(out))
 """
 

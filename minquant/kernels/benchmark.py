@@ -113,20 +113,12 @@ def full_size_checks(group_size: int) -> list[dict]:
     return checks
 
 
-def gemv_sass(capability: int, K: int = 8192, N: int = 8192, group_size: int = 128) -> dict:
-    """The batch-1 GEMV's SASS figures for this GPU's architecture (compiled here; see kernels.sass)."""
-    from minquant.kernels import sass
-    from minquant.kernels.triton_gemv import DEFAULT_CONFIG, MAGIC, NIBBLE_SHIFT, gemv_kernel, launch_args
+def gemv_sass(capability: int) -> dict:
+    """The batch-1 GEMV's SASS figures for this GPU's architecture, 8192 x 8192 g128 (see kernels.sass)."""
+    from minquant.kernels import sass, triton_gemv
 
-    a = launch_args(1, K, N, group_size, DEFAULT_CONFIG)
-    args = dict(x_ptr="*fp16", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
-                perm_ptr="*i32", out_ptr="*fp16", N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT,
-                stride_xm=K, stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
-    k = sass.compile_for_gpu(gemv_kernel, args, {**a["constexprs"], "HAS_BIAS": False, "PERMUTED": False},
-                             capability=capability, num_warps=a["num_warps"])
-    block_n, slots, _split, warps = DEFAULT_CONFIG
-    r = sass.report(k, slots * a["constexprs"]["CHUNK_W"] * block_n * 8 // (32 * warps))
-    return {"capability": capability, "config": DEFAULT_CONFIG, "instructions_per_weight": r.per_weight,
+    r = sass.report(*triton_gemv.compile_for(capability))
+    return {"capability": capability, "config": triton_gemv.DEFAULT_CONFIG, "instructions_per_weight": r.per_weight,
             "loads": r.loads, "converts": r.converts, "spills": r.spills, "registers": r.registers,
             "summary": r.summary()}
 
@@ -360,23 +352,15 @@ def _old_kernel_sass(capability: int, K: int = 8192, N: int = 8192, group_size: 
             "registers": r.registers}
 
 
-def _tc_sass(capability: int, M: int, K: int = 8192, N: int = 8192) -> dict:
-    """The small-batch tensor-core kernel's SASS figures (its first configuration at this M)."""
-    from minquant.kernels import sass
-    from minquant.kernels.triton_gemv import MAGIC, NIBBLE_SHIFT
-    from minquant.kernels.triton_tc import CONFIGS, launch_args, tc_kernel
+def _tc_sass(capability: int, M: int) -> dict:
+    """The small-batch tensor-core kernel's SASS figures at M rows, 8192 x 8192 g128."""
+    from minquant.kernels import sass, triton_tc
 
-    config = next(c for c in CONFIGS if c[0] == M and c[2] == 1)
-    a = launch_args(M, K, N, 128, config)
-    args = dict(x_ptr="*fp16", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
-                out_ptr="*fp16", M=M, N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT, stride_xm=K,
-                stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
-    k = sass.compile_for_gpu(tc_kernel, args, {**a["constexprs"], "HAS_BIAS": False, "PRECISION": "tf32"},
-                             capability=capability, num_warps=a["num_warps"], num_stages=a["num_stages"])
-    r = sass.report(k, config[1] * 128 // (32 * config[3]))
-    return {"capability": capability, "M": M, "config": config, "instructions_per_weight": r.per_weight,
-            "loads": r.loads, "converts": r.converts, "spills": r.spills, "registers": r.registers,
-            "summary": r.summary()}
+    compiled, per_thread = triton_tc.compile_for(capability, M)
+    r = sass.report(compiled, per_thread)
+    return {"capability": capability, "M": M, "config": next(c for c in triton_tc.CONFIGS if c[0] >= M and c[2] == 1),
+            "instructions_per_weight": r.per_weight, "loads": r.loads, "converts": r.converts, "spills": r.spills,
+            "registers": r.registers, "summary": r.summary()}
 
 
 def bench_sass(out: Path | None = None) -> Path:
@@ -384,22 +368,13 @@ def bench_sass(out: Path | None = None) -> Path:
     import triton
 
     from minquant.bench import save_results
-    from minquant.kernels import sass
-    from minquant.kernels.triton_gemv import DEFAULT_CONFIG, MAGIC, NIBBLE_SHIFT, gemv_kernel, launch_args
+    from minquant.kernels import sass, triton_gemv
 
-    K = N = 8192
     rows = []
     for cap in (80, 90):
         for M, dt, permuted in ((1, "fp16", False), (1, "bf16", False), (1, "fp16", True), (2, "fp16", False),
                                 (4, "fp16", False)):
-            a = launch_args(M, K, N, 128, DEFAULT_CONFIG)
-            args = dict(x_ptr=f"*{dt}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
-                        perm_ptr="*i32", out_ptr=f"*{dt}", N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT,
-                        stride_xm=K, stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
-            k = sass.compile_for_gpu(gemv_kernel, args, {**a["constexprs"], "HAS_BIAS": False, "PERMUTED": permuted},
-                                     capability=cap, num_warps=a["num_warps"])
-            block_n, slots, _split, warps = DEFAULT_CONFIG
-            r = sass.report(k, slots * a["constexprs"]["CHUNK_W"] * block_n * 8 // (32 * warps))
+            r = sass.report(*triton_gemv.compile_for(cap, M, dtype=dt, permuted=permuted))
             rows.append({"capability": cap, "M": M, "dtype": dt, "act_order": permuted,
                          "instructions_per_weight": r.per_weight, "loop_opcodes": r.opcodes, "loads": r.loads,
                          "converts": r.converts, "spills": r.spills, "registers": r.registers})
@@ -408,7 +383,7 @@ def bench_sass(out: Path | None = None) -> Path:
     tc_rows = [_tc_sass(cap, M) for cap in (80, 90) for M in (16, 64)]
     for r in tc_rows:
         print(f"tensor-core sm_{r['capability']} M={r['M']}: {r['summary']}", flush=True)
-    protocol = {"shape": "K = N = 8192, g128", "config": DEFAULT_CONFIG, "triton": triton.__version__,
+    protocol = {"shape": "K = N = 8192, g128", "config": triton_gemv.DEFAULT_CONFIG, "triton": triton.__version__,
                 "how": "triton.compile for GPUTarget('cuda', cap, 32) with the JIT's specialisation (pointers and "
                        "ints divisible by 16 marked), SASS from cuobjdump; per weight = instructions in the main "
                        "loop / weights a thread handles per iteration"}

@@ -34,6 +34,13 @@ CHUNK_W = 16  # words of K per step: the dots' depth
 
 
 @triton.jit
+def _nibble_minus_zero(w, p: tl.constexpr, magic, zero):
+    """q - zero for nibble p (0-4) of every word: OR it into the mantissa of 2**(23-4p), subtract 2**(23-4p) + zero."""
+    m = magic - ((4 * p) << 23)                   # the bits of 2**(23 - 4p)
+    return _minus_zero(w, 0xF << (4 * p), m, m.to(tl.float32, bitcast=True) + zero)
+
+
+@triton.jit
 def _x_planes(x_ptr, kw, offs_m, stride_xm, mask_m):
     """x's 128 inputs of this step as 8 planes (BLOCK_M, 16): plane j holds inputs 8 kw + j. One
     contiguous load (16 bytes per row and word), then split in registers."""
@@ -67,7 +74,6 @@ def tc_kernel(
     else:                                      # ragged N: read a valid column, never store it
         nn = tl.minimum(offs_n, N - 1)
     words = tl.arange(0, 16)
-    m1, m2, m3, m4 = magic - (4 << 23), magic - (8 << 23), magic - (12 << 23), magic - (16 << 23)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dt = x_ptr.dtype.element_ty
     for c in range(pid_k, n_chunks, SPLIT_K):
@@ -75,27 +81,17 @@ def tc_kernel(
         s = tl.load(scales_ptr + g * stride_sg + nn).to(tl.float32)[None, :]
         zw = tl.load(qzeros_ptr + g * stride_zg + nn // 8)
         z = _minus_zero(zw >> ((nn % 8) * 4), 0xF, magic, 8388607.0)[None, :]
-        z0, z1, z2, z3, z4 = z + 8388608.0, z + 524288.0, z + 32768.0, z + 2048.0, z + 128.0
         kw = c * 16 + words
         w = tl.load(qweight_ptr + kw[:, None] * stride_qk + nn[None, :], eviction_policy="evict_first")  # (16, BLOCK_N)
         wh = w >> shift
-        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x_ptr, kw, offs_m, stride_xm, mask_m)
-        part = tl.dot(x0, _minus_zero(w, 0xF, magic, z0).to(dt),
-                      input_precision=PRECISION)
-        part = tl.dot(x1, _minus_zero(w, 0xF0, m1, z1).to(dt), part,
-                      input_precision=PRECISION)
-        part = tl.dot(x2, _minus_zero(w, 0xF00, m2, z2).to(dt), part,
-                      input_precision=PRECISION)
-        part = tl.dot(x3, _minus_zero(w, 0xF000, m3, z3).to(dt), part,
-                      input_precision=PRECISION)
-        part = tl.dot(x4, _minus_zero(w, 0xF0000, m4, z4).to(dt), part,
-                      input_precision=PRECISION)
-        part = tl.dot(x5, _minus_zero(wh, 0xF00, m2, z2).to(dt), part,
-                      input_precision=PRECISION)
-        part = tl.dot(x6, _minus_zero(wh, 0xF000, m3, z3).to(dt), part,
-                      input_precision=PRECISION)
-        part = tl.dot(x7, _minus_zero(wh, 0xF0000, m4, z4).to(dt), part,
-                      input_precision=PRECISION)
+        planes = _x_planes(x_ptr, kw, offs_m, stride_xm, mask_m)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):  # nibble j: inputs 8 kw + j; nibbles 5-7 from the shifted word
+            if j < 5:
+                q_minus_zero = _nibble_minus_zero(w, j, magic, z)
+            else:
+                q_minus_zero = _nibble_minus_zero(wh, j - 3, magic, z)
+            part = tl.dot(planes[j], q_minus_zero.to(dt), part, input_precision=PRECISION)
         acc += s * part                                           # q - zero are integers: exact in fp16/bf16
     if HAS_BIAS:
         acc += tl.load(bias_ptr + nn, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
@@ -176,3 +172,20 @@ def tuned_config(x2, qweight, qzeros, scales, group_size: int):
             raise RuntimeError(f"no tensor-core configuration ran for M={M}, K={K}, N={N}") from error
         _BEST[key] = min(times, key=times.get)
     return _BEST[key]
+
+
+def compile_for(capability: int, M: int = 16, K: int = 8192, N: int = 8192, group_size: int = 128, dtype: str = "fp16",
+                bias: bool = False, config=None):
+    """The kernel compiled as the JIT would for such a call, for sm_<capability>, on any machine (no GPU):
+    (compiled kernel, weights a thread handles per loop iteration), for minquant.kernels.sass.
+    config: the first of CONFIGS for this M by default."""
+    from minquant.kernels import sass
+
+    config = config or next(c for c in CONFIGS if c[0] >= M and c[2] == 1)
+    a = launch_args(M, K, N, group_size, config)
+    args = dict(x_ptr=f"*{dtype}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
+                out_ptr=f"*{dtype}", M=M, N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT, stride_xm=K,
+                stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
+    compiled = sass.compile_for_gpu(tc_kernel, args, {**a["constexprs"], "HAS_BIAS": bias, "PRECISION": "tf32"},
+                                    capability=capability, num_warps=a["num_warps"], num_stages=a["num_stages"])
+    return compiled, config[1] * 128 // (32 * config[3])
