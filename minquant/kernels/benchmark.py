@@ -270,6 +270,7 @@ def decode_tokens_per_s(group_size: int = 128, new_tokens: int = 64) -> dict:
     """Batch-1 greedy decoding of a random Llama-2-7B-shaped model: fp16 vs minquant 4-bit."""
     import transformers as T
 
+    from minquant.kernels.timing import graph_time_ms
     from minquant.models import load_config
     from minquant.rtn import quantize_model
 
