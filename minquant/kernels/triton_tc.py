@@ -144,8 +144,8 @@ def w4_tc_matmul(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
     tc_kernel[a["grid"]](x2, qweight, qzeros, scales, bias if bias is not None else scales, acc, M, N, a["n_chunks"],
                          MAGIC, NIBBLE_SHIFT, x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
                          acc.stride(0), **a["constexprs"], HAS_BIAS=bias is not None,
-                         PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",  # fp32 x: no TF32 rounding num_warps=a["num_warps"],
-                         num_stages=a["num_stages"])
+                         PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",  # fp32 x: no TF32 rounding
+                         num_warps=a["num_warps"], num_stages=a["num_stages"])
     if acc is not out:
         out.copy_(acc)
     return out
