@@ -29,11 +29,20 @@ def test_tc_matches_float64(M, group_size):
 
 @interpreted
 @pytest.mark.parametrize("config", triton_tc.CONFIGS, ids=str)
-def test_every_tc_configuration(config):
+def test_every_tc_configuration(config, monkeypatch):
+    """Right results, and launched as configured (the interpreter ignores warps and stages: they are read off)."""
+    launched = []
+    real = triton_tc.tc_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs) or real[grid](*args, **kwargs)
+    monkeypatch.setattr(triton_tc, "tc_kernel", Recording())
     layer = make_layer(384, 136, QuantConfig(4, 128), seed=config[1])
     x = torch.randn(20, 384)
     close(triton_tc.w4_tc_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.bias, 128, config=config),
           x, layer, torch.float32)
+    assert [(k["BLOCK_M"], k["BLOCK_N"], k["SPLIT_K"], k["num_warps"], k["num_stages"]) for k in launched] == [config]
 
 
 @interpreted
