@@ -70,25 +70,18 @@ class QuantLinear(nn.Module):
     def contiguous_group_size(self) -> int | None:
         """cfg.group_size when g_idx is the plain k // group_size (no act-order), else None.
 
-        The fused kernel uses it to skip g_idx. Checked once per g_idx content: the key is the
-        tensor's storage and its in-place version counter, so loading or editing g_idx re-checks
-        (tensors made under torch.inference_mode keep no counter: there only a new g_idx re-checks)."""
-        try:
-            version = self.g_idx._version
-        except RuntimeError:
-            version = None
-        key = (self.g_idx.data_ptr(), version, self.g_idx.device)
-        if getattr(self, "_contiguous_key", None) != key:
-            self._contiguous_key, self._contiguous = key, not self.act_order
-        return self.cfg.group_size if self._contiguous else None
+        The Triton kernels use it to skip g_idx; minquant.kernels.prepare asks once per buffer content."""
+        return None if self.act_order else self.cfg.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.choose_backend(x, self.cfg.bits) == "triton":
+        backend = kernels.choose_backend(x, self.cfg.bits)
+        if backend == "triton":
             # derived once from the buffers and cached (act-order rows sorted into contiguous groups)
             p = prepare(self)
             return kernels.dequant_matmul(x, p.qweight, self.qzeros, self.scales, self.g_idx, self.cfg.bits,
-                                          self.bias, group_size=p.group_size, perm=p.perm)
-        return kernels.dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.cfg.bits, self.bias)
+                                          self.bias, backend=backend, group_size=p.group_size, perm=p.perm)
+        return kernels.dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.cfg.bits, self.bias,
+                                      backend=backend)
 
     def _apply(self, fn, recurse=True):
         self._prepared = None  # .to(), .cuda(), .half(): the kernels' view of the old buffers is stale
