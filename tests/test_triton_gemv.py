@@ -216,3 +216,27 @@ def test_every_path_full_size_on_gpu(act_order, dtype):
         assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-2, M
     p = prepare.prepare(layer)
     assert p.group_size == 128 and (p.perm is not None) == act_order
+
+
+@interpreted
+@pytest.mark.parametrize("group_size", [64, 4, -1])
+def test_dequantize_for_cublas(group_size):
+    """The one-pass dequantization behind the large-batch path, groups of whole words or not."""
+    from minquant.kernels.triton_dequant import dequantize_t
+
+    layer = make_layer(64, 24, QuantConfig(4, group_size))
+    wt = dequantize_t(layer.qweight, layer.qzeros, layer.scales, group_size, torch.float32, reuse=False)
+    torch.testing.assert_close(wt, layer.dequantize_weight().t(), rtol=1e-6, atol=1e-6)
+
+
+def test_fastest_skips_what_cannot_run(monkeypatch):
+    from minquant.kernels import timing
+
+    monkeypatch.setattr(timing, "graph_time_ms", lambda fn: fn())  # the "time" is what fn returns
+
+    def fails():
+        raise RuntimeError("out of shared memory")
+    assert timing.fastest({"a": lambda: 3.0, "b": fails, "c": lambda: 1.0}, "config") == "c"
+    with pytest.raises(RuntimeError, match="no GEMV config ran") as e:
+        timing.fastest({"b": fails}, "GEMV config")
+    assert "out of shared memory" in str(e.value.__cause__)

@@ -117,10 +117,8 @@ def gemv_sass(capability: int) -> dict:
     """The batch-1 GEMV's SASS figures for this GPU's architecture, 8192 x 8192 g128 (see kernels.sass)."""
     from minquant.kernels import sass, triton_gemv
 
-    r = sass.report(*triton_gemv.compile_for(capability))
-    return {"capability": capability, "config": triton_gemv.DEFAULT_CONFIG, "instructions_per_weight": r.per_weight,
-            "loads": r.loads, "converts": r.converts, "spills": r.spills, "registers": r.registers,
-            "summary": r.summary()}
+    return {"capability": capability, "config": triton_gemv.DEFAULT_CONFIG,
+            **sass.report(*triton_gemv.compile_for(capability)).figures()}
 
 
 def gpu_name() -> str:
@@ -347,21 +345,16 @@ def _old_kernel_sass(capability: int, K: int = 8192, N: int = 8192, group_size: 
     k = sass.compile_for_gpu(w4a16_kernel, args, {"GROUPED": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                                                   "SPLIT_K": split}, capability=capability, num_warps=warps,
                              num_stages=stages)
-    r = sass.report(k, bk * bn // (32 * warps))
     return {"kernel": "triton_w4a16 (fused, BLOCK_M=1)", "config": SKINNY_CONFIGS[0],
-            "instructions_per_weight": r.per_weight, "loads": r.loads, "converts": r.converts, "spills": r.spills,
-            "registers": r.registers}
+            **sass.report(k, bk * bn // (32 * warps)).figures()}
 
 
 def _tc_sass(capability: int, M: int) -> dict:
     """The small-batch tensor-core kernel's SASS figures at M rows, 8192 x 8192 g128."""
     from minquant.kernels import sass, triton_tc
 
-    compiled, per_thread = triton_tc.compile_for(capability, M)
-    r = sass.report(compiled, per_thread)
-    return {"capability": capability, "M": M, "config": next(c for c in triton_tc.CONFIGS if c[0] >= M and c[2] == 1),
-            "instructions_per_weight": r.per_weight, "loads": r.loads, "converts": r.converts, "spills": r.spills,
-            "registers": r.registers, "summary": r.summary()}
+    return {"capability": capability, "M": M, "config": triton_tc.first_config(M),
+            **sass.report(*triton_tc.compile_for(capability, M)).figures()}
 
 
 def bench_sass(out: Path | None = None) -> Path:
@@ -375,11 +368,9 @@ def bench_sass(out: Path | None = None) -> Path:
     for cap in (80, 90):
         for M, dt, permuted in ((1, "fp16", False), (1, "bf16", False), (1, "fp16", True), (2, "fp16", False),
                                 (4, "fp16", False)):
-            r = sass.report(*triton_gemv.compile_for(cap, M, dtype=dt, permuted=permuted))
             rows.append({"capability": cap, "M": M, "dtype": dt, "act_order": permuted,
-                         "instructions_per_weight": r.per_weight, "loop_opcodes": r.opcodes, "loads": r.loads,
-                         "converts": r.converts, "spills": r.spills, "registers": r.registers})
-            print(f"sm_{cap} M={M} {dt}{' act-order' if permuted else ''}: {r.summary()}", flush=True)
+                         **sass.report(*triton_gemv.compile_for(cap, M, dtype=dt, permuted=permuted)).figures()})
+            print(f"sm_{cap} M={M} {dt}{' act-order' if permuted else ''}: {rows[-1]['summary']}", flush=True)
     before = [_old_kernel_sass(cap) for cap in (80, 90)]
     tc_rows = [_tc_sass(cap, M) for cap in (80, 90) for M in (16, 64)]
     for r in tc_rows:

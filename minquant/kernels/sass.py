@@ -103,6 +103,12 @@ class SassReport:
     def per_weight(self) -> float:
         return self.loop_instructions / self.weights_per_thread_per_iteration
 
+    def figures(self) -> dict:
+        """The numbers, for a results file."""
+        return {"instructions_per_weight": self.per_weight, "loop_opcodes": self.opcodes, "loads": self.loads,
+                "converts": self.converts, "spills": self.spills, "registers": self.registers,
+                "summary": self.summary()}
+
     def summary(self) -> str:
         top = ", ".join(f"{k} {v}" for k, v in sorted(self.opcodes.items(), key=lambda kv: -kv[1])[:6])
         return (f"{self.per_weight:.2f} SASS instructions per weight ({self.loop_instructions} in the loop for "

@@ -35,3 +35,19 @@ def graph_time_ms(fn, calls: int = 20, replays: int = 5, warmup: int = 1) -> flo
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
+
+
+def fastest(candidates: dict, what: str):
+    """The key of the fastest callable in `candidates`, each timed once with graph_time_ms.
+
+    For autotuning: a candidate that raises (a configuration this GPU cannot compile or run: registers,
+    shared memory) is skipped; if none runs, RuntimeError naming `what`, from the last failure."""
+    times, error = {}, None
+    for key, fn in candidates.items():
+        try:
+            times[key] = graph_time_ms(fn)
+        except Exception as e:
+            error = e
+    if not times:
+        raise RuntimeError(f"no {what} ran") from error
+    return min(times, key=times.get)

@@ -252,23 +252,15 @@ def tuned_config(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
                  group_size: int):
     """The fastest of CONFIGS for this call's shape on this GPU: each timed once on the call's own
     tensors (as CUDA graphs, so Python's launch is not what is ranked), the winner cached per shape."""
-    from minquant.kernels.timing import graph_time_ms
+    from minquant.kernels.timing import fastest
 
     (M, K), N = x2.shape, scales.shape[1]
     key = (M, K, N, group_size, x2.dtype, x2.device)
     if key not in _BEST:
-        times, error = {}, None
-        for config in CONFIGS:
-            if config[2] > 1 and triton.cdiv(N, config[0]) >= 128:
-                continue  # enough programs without splitting K: no memset and atomics needed
-            try:
-                times[config] = graph_time_ms(lambda c=config: w4_gemv(x2, qweight, qzeros, scales, None, group_size,
-                                                                       config=c))
-            except Exception as e:  # a configuration this GPU cannot run (registers, shared memory)
-                error = e
-        if not times:
-            raise RuntimeError(f"no GEMV configuration ran for M={M}, K={K}, N={N}") from error
-        _BEST[key] = min(times, key=times.get)
+        # split-K only where N / BLOCK_N programs are too few: otherwise no memset and atomics are needed
+        candidates = {c: (lambda c=c: w4_gemv(x2, qweight, qzeros, scales, None, group_size, config=c))
+                      for c in CONFIGS if c[2] == 1 or triton.cdiv(N, c[0]) < 128}
+        _BEST[key] = fastest(candidates, f"GEMV configuration for M={M}, K={K}, N={N}")
     return _BEST[key]
 
 

@@ -111,6 +111,11 @@ CONFIGS = [(16, 128, 1, 4, 1), (16, 256, 1, 4, 1), (16, 256, 1, 8, 1), (32, 128,
 DEFAULT_CONFIG = CONFIGS[0]
 
 
+def first_config(M: int):
+    """The first configuration without split-K whose BLOCK_M covers M (what the figures are quoted for)."""
+    return next(c for c in CONFIGS if c[0] >= M and c[2] == 1)
+
+
 def supports(M: int, K: int, group_size: int | None) -> bool:
     """Contiguous groups of >= 128 inputs made of whole 16-word steps, K a multiple of 128."""
     if group_size is None or K % 128:
@@ -156,21 +161,14 @@ _BEST: dict = {}
 
 def tuned_config(x2, qweight, qzeros, scales, group_size: int):
     """The fastest of CONFIGS for this shape and power of two of M, timed once (CUDA graphs), cached."""
-    from minquant.kernels.timing import graph_time_ms
+    from minquant.kernels.timing import fastest
 
     (M, K), N = x2.shape, scales.shape[1]
     key = (triton.next_power_of_2(M), K, N, group_size, x2.dtype, x2.device)
     if key not in _BEST:
-        times, error = {}, None
-        for config in CONFIGS:
-            try:
-                times[config] = graph_time_ms(lambda c=config: w4_tc_matmul(x2, qweight, qzeros, scales, None,
-                                                                            group_size, config=c))
-            except Exception as e:  # a configuration this GPU cannot run (shared memory, registers)
-                error = e
-        if not times:
-            raise RuntimeError(f"no tensor-core configuration ran for M={M}, K={K}, N={N}") from error
-        _BEST[key] = min(times, key=times.get)
+        candidates = {c: (lambda c=c: w4_tc_matmul(x2, qweight, qzeros, scales, None, group_size, config=c))
+                      for c in CONFIGS}
+        _BEST[key] = fastest(candidates, f"tensor-core configuration for M={M}, K={K}, N={N}")
     return _BEST[key]
 
 
@@ -181,7 +179,7 @@ def compile_for(capability: int, M: int = 16, K: int = 8192, N: int = 8192, grou
     config: the first of CONFIGS for this M by default."""
     from minquant.kernels import sass
 
-    config = config or next(c for c in CONFIGS if c[0] >= M and c[2] == 1)
+    config = config or first_config(M)
     a = launch_args(M, K, N, group_size, config)
     args = dict(x_ptr=f"*{dtype}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
                 out_ptr=f"*{dtype}", M=M, N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT, stride_xm=K,
