@@ -62,7 +62,9 @@ def versions() -> dict:
 
 def save_results(name: str, protocol: dict, results: dict, out: Path | None = None) -> Path:
     out = out or RESULTS_DIR / f"{name}.json"
-    record = {"command": " ".join(["minquant", *sys.argv[1:]]) if sys.argv[0].endswith("minquant") else " ".join(sys.argv),
+    # `minquant ...`, `python -m minquant ...` (argv[0] is minquant/__main__.py) and minquant/cli.py are one command
+    cli = sys.argv[0].endswith(("minquant", "minquant/__main__.py", "minquant/cli.py"))
+    record = {"command": " ".join(["minquant", *sys.argv[1:]]) if cli else " ".join(sys.argv),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "versions": versions(), "protocol": protocol, "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)

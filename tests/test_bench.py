@@ -1,4 +1,6 @@
 """minquant.bench: results files carry their provenance, and the README quotes them verbatim."""
+import json
+
 import pytest
 import torch
 
@@ -14,6 +16,11 @@ def test_results_roundtrip_with_provenance(tmp_path, monkeypatch):
     assert record["versions"]["torch"] == torch.__version__ and record["machine"]["cores"] >= 1
     with pytest.raises(FileNotFoundError, match="no results file .*missing.json"):
         bench.load_results("missing")
+    for argv0 in ("/venv/bin/minquant", "/src/minquant/__main__.py", "/src/minquant/cli.py"):  # one command
+        monkeypatch.setattr("sys.argv", [argv0, "bench", "sass"])
+        assert json.loads(bench.save_results("demo", {}, {}).read_text())["command"] == "minquant bench sass"
+    monkeypatch.setattr("sys.argv", ["out/run.py", "--x"])
+    assert json.loads(bench.save_results("demo", {}, {}).read_text())["command"] == "out/run.py --x"
 
 
 def test_readme_tables_are_the_results_files():
