@@ -228,6 +228,10 @@ def _table_for(name: str):
         from minquant.kernels.benchmark import kernels_table
 
         return kernels_table
+    if name.startswith("cpu_"):  # one file per CPU model: cpu_<cpu>.json
+        from minquant.bench_cpu import cpu_table
+
+        return cpu_table
     if name == "sass_kernels":
         from minquant.kernels.benchmark import sass_table
 
@@ -246,7 +250,7 @@ def readme_block(name: str) -> str:
 def update_readme(path: Path = README) -> None:
     """Rewrite each results block of the README from its results file (never typed by hand)."""
     text = path.read_text()
-    for name in [*TABLES, "sass_kernels", *(p.stem for pattern in ("kernels_*.json", "paper_*.json") for p in sorted(RESULTS_DIR.glob(pattern)))]:
+    for name in [*TABLES, "sass_kernels", *(p.stem for pattern in ("kernels_*.json", "paper_*.json", "cpu_*.json") for p in sorted(RESULTS_DIR.glob(pattern)))]:
         if not (RESULTS_DIR / f"{name}.json").is_file():
             continue
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"

@@ -181,6 +181,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         print(f"saved {bench_sass()}")
         return
+    if args.which == "cpu":
+        from minquant.bench_cpu import bench_cpu, cpu_table
+
+        path = bench_cpu()
+        print(f"saved {path}\n\n{cpu_table(bench.load_results(path.stem))}")
+        return
     if args.which == "kernels":
         from minquant.kernels.benchmark import bench_kernels
 
@@ -289,13 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         'minquant bench paper --model facebook/opt-125m --device cuda   # GPTQ paper, Table 3 row',
         'minquant bench paper --model meta-llama/Llama-3.2-1B --device cuda   # same recipe, our numbers',
         "minquant bench demo                 # the demo's numbers -> data/results/demo_smollm2.json",
-        "minquant bench sass                 # the GEMV's SASS per weight, sm_80/sm_90, no GPU needed"])
+        "minquant bench sass                 # the GEMV's SASS per weight, sm_80/sm_90, no GPU needed",
+        "minquant bench cpu                  # 4-bit layers and decoding on this CPU (~10 min)"])
     p.add_argument("which", choices=["rtn", "gptq", "awq", "sensitivity", "mixed", "calibration", "eightbit", "claims", "packing", "kernels", "sass",
-                                          "paper", "demo", "readme"],
+                                          "cpu", "paper", "demo", "readme"],
                    help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); gptq: GPTQ vs RTN vs llm-compressor on "
                         "SmolLM2; awq: AWQ vs llm-compressor's AWQ on SmolLM2; sensitivity: per-layer proxies vs "
                         "measured loss; mixed: mixed-precision GPTQ vs uniform; calibration: GPTQ/AWQ by calibration data; eightbit: int8 and fp8 weights; claims: the course's claims vs our numbers; packing: bytes on disk; "
-                        "kernels: the W4A16 kernels on a GPU; sass: the GEMV's SASS figures for sm_80/sm_90, compiled on this "
+                        "kernels: the W4A16 kernels on a GPU; cpu: 4-bit layers against fp32 and torch's int4/int8 on this CPU, and SmolLM2 decoding tokens/s; sass: the GEMV's SASS figures for sm_80/sm_90, compiled on this "
                         "machine (no GPU needed); paper: the GPTQ paper's protocol on --model (a Table 3 row for "
                         "OPT-125M); demo: what make demo measures; readme: README tables from data/results/")
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="gptq/awq/mixed/calibration: run only the entries whose label matches "

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from minquant import kernels
+from minquant.kernels import cpu
 from minquant.kernels.prepare import prepare
 from minquant.packing import check_packable, contiguous_g_idx, from_gptq, storable_rtn, to_gptq
 from minquant.quant import QuantConfig
@@ -74,6 +75,11 @@ class QuantLinear(nn.Module):
         return None if self.act_order else self.cfg.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and cpu.applies(x):
+            # the C kernels, on a view derived once (tiled words, act-order sorted); None: they cannot run it
+            p = cpu.prepare_cpu(self)
+            if p is not None:
+                return cpu.matmul(x, p, self.bias)
         backend = kernels.choose_backend(x, self.cfg.bits)
         if backend == "triton":
             # derived once from the buffers and cached (act-order rows sorted into contiguous groups)
@@ -84,7 +90,7 @@ class QuantLinear(nn.Module):
                                       backend=backend)
 
     def _apply(self, fn, recurse=True):
-        self._prepared = None  # .to(), .cuda(), .half(): the kernels' view of the old buffers is stale
+        self._prepared = self._cpu_prepared = None  # .to(), .cuda(), .half(): the kernels' views are stale
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:

@@ -58,3 +58,19 @@ def test_pip_accepts_the_conda_pip_section(tmp_path):
 def test_ci_runs_the_readme_test_command():
     ci, readme = (ROOT / ".ci" / "run").read_text(), (ROOT / "README.md").read_text()
     assert "make test" in ci and "make test" in readme and "make demo" in readme
+
+
+def test_the_wheel_carries_the_cpu_kernels_source(tmp_path):
+    """QuantLinear compiles minquant/kernels/cpu_kernels.c on first use: an installed package needs it."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the repository
+    shutil.copytree(ROOT / "minquant", src / "minquant", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                           str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    wheel, = (tmp_path / "dist").glob("minquant-*.whl")
+    assert "minquant/kernels/cpu_kernels.c" in zipfile.ZipFile(wheel).namelist()

@@ -1,6 +1,7 @@
 """Dequantize-and-multiply kernels for QuantLinear, and the choice between them.
 
     reference.py      the torch reference: unpack a chunk, scale, matmul (any device, any bits)
+    cpu.py            QuantLinear on CPU: cpu_kernels.c (GEMV from the packed words; dequantize + BLAS), built on first use
     triton_gemv.py    4-bit GEMV for 1-4 rows (decoding): each word read once, 3 instructions a weight
     triton_tc.py      4-bit tensor-core kernel for about 5-64 rows: words loaded once, magic-number unpack
     triton_w4a16.py   4-bit fused kernel for any group size and act-order g_idx (the first kernel)
