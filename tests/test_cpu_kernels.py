@@ -9,22 +9,11 @@ import warnings
 import pytest
 import torch
 
+from layers import make_layer
 from minquant.kernels import cpu, reference as torch_reference
-from minquant.nn import QuantLinear
 from minquant.quant import QuantConfig
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C compiler: QuantLinear uses the reference on CPU")
-
-
-def make_layer(K, N, cfg, bias=True, act_order=False, seed=0):
-    torch.manual_seed(seed)
-    layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=bias), cfg)
-    if act_order:  # GPTQ's act-order: input perm[i] goes to group i // group_size
-        perm = torch.randperm(K)
-        g_idx = torch.empty(K, dtype=torch.int32)
-        g_idx[perm] = (torch.arange(K) // cfg.group_size).to(torch.int32)
-        layer.g_idx.copy_(g_idx)
-    return layer
 
 
 def float64_product(x, layer):

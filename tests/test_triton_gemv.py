@@ -8,24 +8,13 @@ import sys
 import pytest
 import torch
 
-from minquant.nn import QuantLinear
 from minquant.quant import QuantConfig
 
 triton = pytest.importorskip("triton")  # conftest.py has switched on the interpreter when there is no GPU
 from minquant import kernels  # noqa: E402
 from minquant.kernels import prepare, triton_gemv  # noqa: E402
+from layers import make_layer  # noqa: E402
 from test_triton_w4a16 import interpreted, on_gpu, reference  # noqa: E402  (x @ W^T in float64, g_idx honoured)
-
-
-def make_layer(K, N, cfg, bias=True, act_order=False, seed=0):
-    torch.manual_seed(seed)
-    layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=bias), cfg)
-    if act_order:  # GPTQ's act-order: input perm[i] goes to group i // group_size
-        perm = torch.randperm(K)
-        g_idx = torch.empty(K, dtype=torch.int32)
-        g_idx[perm] = (torch.arange(K) // cfg.group_size).to(torch.int32)
-        layer.g_idx.copy_(g_idx)
-    return layer
 
 
 def close(y, x, layer, dtype):
