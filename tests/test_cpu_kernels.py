@@ -105,6 +105,9 @@ def test_edited_buffers_and_bias_are_read_again():
         a.load_state_dict(b.state_dict())  # in-place copies: same storage, new version
         after = a(x)
         assert relative_error(after, x, b) < 1e-5 and not torch.allclose(before, after)
+        a.scales.mul_(2)   # the view holds fp32 copies of the scales: an edit must reach them
+        assert torch.allclose(a(x) - a.bias.float(), 2 * (after - a.bias.float()), rtol=1e-5, atol=1e-4)
+        a.scales.div_(2)
         a.bias.add_(1.0)  # (in fp16, so not exactly after + 1)
         edited = a(x)
         assert relative_error(edited, x, a) < 1e-5 and (edited - after - 1.0).abs().max() < 1e-3

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from minquant.kernels.prepare import _version
+from minquant.kernels.prepare import version
 from minquant.packing import pack, unpack
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -193,7 +193,7 @@ class CpuPrepared:
 
     def bias_for(self, bias: torch.Tensor) -> torch.Tensor:
         """The bias in fp32, N_pad long, converted once per bias tensor (and again if it is edited)."""
-        key = (bias.data_ptr(), _version(bias))
+        key = (bias.data_ptr(), version(bias))
         if self._bias[0] != key:
             b = torch.nn.functional.pad(bias.detach().float(), (0, self.scales.shape[1] - self.N))
             self._bias = (key, b.contiguous())
@@ -218,8 +218,9 @@ def prepare_cpu(layer, vw: int | None = None) -> CpuPrepared | None:
     kernels cannot run it."""
     vw = vw or vector_width()
     buffers = layer._buffers  # (not layer.qweight: nn.Module's attribute lookup costs a microsecond a name)
-    qweight, g_idx = buffers["qweight"], buffers["g_idx"]
-    key = (qweight.data_ptr(), _version(qweight), g_idx.data_ptr(), _version(g_idx), vw)
+    # every buffer the view copies: an in-place edit of any of them (scales too) derives it again
+    key = (vw,) + tuple((t.data_ptr(), version(t)) for t in (buffers["qweight"], buffers["qzeros"], buffers["scales"],
+                                                              buffers["g_idx"]))
     cached = layer.__dict__.get("_cpu_prepared")
     if cached is not None and cached.key == key:
         return cached

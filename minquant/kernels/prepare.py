@@ -27,7 +27,8 @@ class Prepared:
     key: tuple
 
 
-def _version(t: torch.Tensor):
+def version(t: torch.Tensor):
+    """The tensor's in-place version counter (None for inference-mode tensors, which have none)."""
     try:
         return t._version
     except RuntimeError:  # made under inference_mode: no version counter
@@ -35,7 +36,7 @@ def _version(t: torch.Tensor):
 
 
 def buffers_key(layer) -> tuple:
-    return tuple((t.data_ptr(), _version(t), t.device) for t in (layer.qweight, layer.g_idx))
+    return tuple((t.data_ptr(), version(t), t.device) for t in (layer.qweight, layer.g_idx))
 
 
 def sort_by_group(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int):
