@@ -75,7 +75,7 @@ class QuantLinear(nn.Module):
         return None if self.act_order else self.cfg.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and cpu.applies(x):
+        if cpu.applies(x):
             # the C kernels, on a view derived once (tiled words, act-order sorted); None: they cannot run it
             p = cpu.prepare_cpu(self)
             if p is not None:

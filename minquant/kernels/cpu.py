@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from minquant.kernels.prepare import version
+from minquant.kernels.prepare import group_order, version
 from minquant.packing import pack, unpack
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -100,11 +100,11 @@ def build(vw: int | None = None, cc: str | None = None) -> Path:
         raise RuntimeError("no C compiler found (set $CC, or install gcc) to build minquant's CPU kernels")
     vw = vw or vector_width()
     source = SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    compiler_version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     errors = []
     for extra in FLAG_SETS:
         flags = ["-O3", "-shared", "-fPIC", f"-DVW={vw}", *extra]
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler_version.encode(),
                                          " ".join(sorted(_cpu_flags())).encode(),
                                          platform.machine().encode()])).hexdigest()[:16]
         out = _cache_dir() / f"cpu_kernels-{key}.so"
@@ -123,7 +123,6 @@ def build(vw: int | None = None, cc: str | None = None) -> Path:
 
 
 _LIB: dict = {}  # vector width -> ctypes library, or the error that stopped building it
-_AVAILABLE: dict = {}  # vector width -> True once the library loaded (the per-call check stays cheap)
 
 
 def library(vw: int | None = None):
@@ -155,14 +154,14 @@ def applies(x: torch.Tensor) -> bool:
     the reference is differentiable in x), not while torch.compile traces (fake tensors have no data)."""
     if not enabled or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return False
-    return _AVAILABLE.get(vector_width()) or available()
+    found = _LIB.get(vector_width())  # loaded already: the per-call check stays a dict lookup
+    return (found is not None and not isinstance(found, Exception)) or available()
 
 
 def available() -> bool:
     """Can QuantLinear use the C kernels here? (False: it uses the reference, after one warning.)"""
     try:
         library()
-        _AVAILABLE[vector_width()] = True
         return True
     except RuntimeError as e:
         if not getattr(available, "warned", False):
@@ -236,14 +235,13 @@ def _derive(layer, vw: int, key: tuple) -> CpuPrepared | None:
     bits, gs = layout
     K, N = layer.in_features, layer.out_features
     q = unpack(layer.qweight, layer.cfg.bits, dim=0)[:K]          # (K, N) integers
-    g = layer.g_idx.long()
     perm = None
     if layer.act_order:
-        perm = torch.argsort(g, stable=True)
-        if not torch.equal(g[perm], torch.arange(K) // gs):
+        perm = group_order(layer.g_idx, gs)
+        if perm is None:
             return None  # groups of unequal sizes: only the reference's g_idx lookup is right
         q = q[perm]
-    nb = vw * 4  # NV in cpu_kernels.c
+    nb = library(vw).mq_tile_columns()  # columns per tile, as the C file was built
     n_pad = -(-N // nb) * nb
     zeros = unpack(layer.qzeros, layer.cfg.bits, dim=1)[:, :N].float() + 1   # v1 stores zero - 1
     scales = layer.scales.float()
@@ -278,9 +276,9 @@ def gemv(x2: torch.Tensor, p: CpuPrepared, bias: torch.Tensor | None = None, sha
 _BUFFERS: dict = {}  # (K, N_pad) -> the fp32 buffer the dequant path reuses (one per layer shape)
 
 
-def dequantize_t(p: CpuPrepared, K: int) -> torch.Tensor:
+def dequantize_t(p: CpuPrepared) -> torch.Tensor:
     """W^T (K, N_pad) in fp32 (rows in sorted order under act-order), in a buffer reused across calls."""
-    n_pad = p.scales.shape[1]
+    K, n_pad = p.K, p.scales.shape[1]
     buf = _BUFFERS.get((K, n_pad))
     if buf is None:
         buf = _BUFFERS[(K, n_pad)] = torch.empty(K, n_pad)
@@ -308,11 +306,11 @@ def matmul(x: torch.Tensor, p: CpuPrepared, bias: torch.Tensor | None = None, pa
     x2 = x2.contiguous()
     if bias is not None:
         bias = p.bias_for(bias)
-    path = path or ("gemv" if x2.shape[0] <= GEMV_ALWAYS else choose_path(x2, p))
+    path = path or choose_path(x2, p)
     if path == "gemv":
         out = gemv(x2, p, bias, lead + (n_pad,))
     elif path == "dequant":
-        out = torch.addmm(bias, x2, dequantize_t(p, K)) if bias is not None else x2 @ dequantize_t(p, K)
+        out = torch.addmm(bias, x2, dequantize_t(p)) if bias is not None else x2 @ dequantize_t(p)
         out = out.view(lead + (n_pad,))
     else:
         raise ValueError(f"unknown CPU path {path!r}; known: {', '.join(PATHS)}")

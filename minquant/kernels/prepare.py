@@ -39,15 +39,20 @@ def buffers_key(layer) -> tuple:
     return tuple((t.data_ptr(), version(t), t.device) for t in (layer.qweight, layer.g_idx))
 
 
+def group_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """The permutation (int64) that sorts the inputs by group, if it makes the groups runs of group_size;
+    None for groups of unequal sizes, where only a per-input g_idx lookup is right."""
+    perm = torch.argsort(g_idx.long(), stable=True)
+    expected = torch.arange(g_idx.numel(), device=g_idx.device) // group_size
+    return perm if torch.equal(g_idx.long()[perm], expected) else None
+
+
 def sort_by_group(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int):
     """(qweight with rows sorted by group, perm) if sorting makes the groups runs of group_size, else None."""
-    K = g_idx.numel()
-    perm = torch.argsort(g_idx.long(), stable=True)
-    sorted_groups = g_idx.long()[perm]
-    expected = torch.arange(K, device=g_idx.device) // group_size
-    if not torch.equal(sorted_groups, expected):
-        return None  # groups of unequal sizes: only the g_idx path is right
-    q = unpack(qweight, bits, dim=0)[:K]                 # (K, N) integers
+    perm = group_order(g_idx, group_size)
+    if perm is None:
+        return None
+    q = unpack(qweight, bits, dim=0)[:g_idx.numel()]     # (K, N) integers
     return pack(q[perm], bits, dim=0).to(torch.int32).contiguous(), perm.to(torch.int32)
 
 
