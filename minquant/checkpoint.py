@@ -225,7 +225,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):
     checkpoint's `quantization_config` (and a mixed plan or AWQ search saved beside it), so saving
     it again writes the same checkpoint.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from minquant.atomic import recover
 

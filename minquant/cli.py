@@ -12,7 +12,6 @@ Each subcommand is a thin layer over a library function and ends with a one-line
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -114,7 +113,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"mixed precision: {plan.bits_per_weight:.3f} bits per weight (budget {args.bits_budget}); layers per config: "
               + ", ".join(f"{label} {n}" for label, n in plan.counts().items()))
     size = disk_bytes(out)
-    scheme = f"mixed {model.mixed_plan.bits_per_weight:.2f} bits/weight" if args.bits_budget is not None else f"W{args.bits} g{args.group_size}"
+    from minquant.quant import scheme_label
+
+    scheme = (f"mixed {model.mixed_plan.bits_per_weight:.2f} bits/weight" if args.bits_budget is not None
+              else scheme_label(args.bits, args.group_size))
     print(f"\n{args.method.upper()} {scheme}{' sym' if args.sym else ''}"
           f"{' act-order' if args.act_order else ''}: quantized in {seconds:.1f} s; "
           f"saved {out} ({size / 1e6:.1f} MB of weights)")
@@ -158,67 +160,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"\n({n} tokens in {seconds:.1f} s, greedy)")
 
 
-# `minquant bench WHICH`: the module and function that measure, and the results file they write
-SWEEPS = {"gptq": ("minquant.bench_gptq", "bench_gptq", "gptq_smollm2"),
-          "awq": ("minquant.bench_awq", "bench_awq", "awq_smollm2"),
-          "mixed": ("minquant.bench_mixed", "bench_mixed", "mixed_smollm2"),
-          "calibration": ("minquant.bench_mixed", "bench_calibration", "calibration_smollm2")}
-BENCHES = {"sensitivity": ("minquant.bench_mixed", "bench_sensitivity", "sensitivity_smollm2"),
-           "eightbit": ("minquant.bench_mixed", "bench_eightbit", "eightbit"),
-           "claims": ("minquant.bench_mixed", "bench_claims", "claims"),
-           "packing": ("minquant.bench", "bench_packing", "packing_smollm2")}
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
-    from minquant import bench
+    from minquant.bench import registry
 
     if args.which == "readme":
-        bench.update_readme()
-        print(f"updated the results tables in {bench.README}")
+        registry.update_readme()
+        print(f"updated the results tables in {registry.results.README}")
         return
-    if args.which == "sass":
-        from minquant.kernels.benchmark import bench_sass
-
-        print(f"saved {bench_sass()}")
-        return
-    if args.which == "cpu":
-        from minquant.bench_cpu import bench_cpu, cpu_table
-
-        path = bench_cpu()
-        print(f"saved {path}\n\n{cpu_table(bench.load_results(path.stem))}")
-        return
-    if args.which == "kernels":
-        from minquant.kernels.benchmark import bench_kernels
-
-        print(f"saved {bench_kernels()}")
-        return
-    if args.which == "paper":
-        from minquant.paper import bench_paper, paper_table, results_name
-
-        model = args.model or "facebook/opt-125m"
-        path = bench_paper(model, device=args.device, n_samples=args.n_samples, seqlen=args.seqlen,
-                           max_windows=args.max_windows or None)
-        print(f"saved {path}\n\n{paper_table(bench.load_results(results_name(model)))}")
-        return
-    if args.which == "demo":  # the demo's table, generations and per-layer errors, for notebook 10 and the README
-        from minquant.compare import demo
-
-        import tempfile
-
-        record = demo(args.model or "smollm2-135m", tempfile.mkdtemp(prefix="minquant-bench-demo-"),
-                      eval_windows=args.max_windows or 4)
-        path = bench.save_results("demo_smollm2", {k: record.pop(k) for k in ("model", "bits", "group_size", "calibration", "eval")}, record)
-        print(f"saved {path}")
-        return
-    if args.which in SWEEPS or args.which in BENCHES:  # resumable sweeps take --only/--redo
-        module, func, results = SWEEPS.get(args.which) or BENCHES[args.which]
-        run = getattr(importlib.import_module(module), func)
-        path = run(only=args.only, redo=args.redo) if args.which in SWEEPS else run()
-        print(f"saved {path}\n\n{bench.TABLES[results](bench.load_results(results))}")
-        return
-    windows = 16 if args.max_windows is None else args.max_windows or None
-    path = bench.bench_rtn(max_windows=windows, seqlen=args.seqlen or 2048, device=args.device or "cpu")
-    print(f"saved {path}\n\n{bench.rtn_table(bench.load_results('rtn_smollm2'))}")
+    options = {k: getattr(args, k) for k in ("only", "redo", "max_windows", "seqlen", "model", "n_samples", "device")}
+    path = registry.run(args.which, **options)
+    print(f"saved {path}\n\n{registry.table(path.stem)}")
 
 
 def _subcommand(sub, name: str, help: str, examples: list[str]) -> argparse.ArgumentParser:
@@ -297,14 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
         "minquant bench demo                 # the demo's numbers -> data/results/demo_smollm2.json",
         "minquant bench sass                 # the GEMV's SASS per weight, sm_80/sm_90, no GPU needed",
         "minquant bench cpu                  # 4-bit layers and decoding on this CPU (~10 min)"])
-    p.add_argument("which", choices=["rtn", "gptq", "awq", "sensitivity", "mixed", "calibration", "eightbit", "claims", "packing", "kernels", "sass",
-                                          "cpu", "paper", "demo", "readme"],
-                   help="rtn: RTN on SmolLM2 (perplexity) and MiniLM (cosine); gptq: GPTQ vs RTN vs llm-compressor on "
-                        "SmolLM2; awq: AWQ vs llm-compressor's AWQ on SmolLM2; sensitivity: per-layer proxies vs "
-                        "measured loss; mixed: mixed-precision GPTQ vs uniform; calibration: GPTQ/AWQ by calibration data; eightbit: int8 and fp8 weights; claims: the course's claims vs our numbers; packing: bytes on disk; "
-                        "kernels: the W4A16 kernels on a GPU; cpu: 4-bit layers against fp32 and torch's int4/int8 on this CPU, and SmolLM2 decoding tokens/s; sass: the GEMV's SASS figures for sm_80/sm_90, compiled on this "
-                        "machine (no GPU needed); paper: the GPTQ paper's protocol on --model (a Table 3 row for "
-                        "OPT-125M); demo: what make demo measures; readme: README tables from data/results/")
+    from minquant.bench.registry import BENCHMARKS
+
+    p.add_argument("which", choices=[*BENCHMARKS, "readme"], help="; ".join(
+        [f"{name}: {b.about}" for name, b in BENCHMARKS.items()] + ["readme: README tables from data/results/"]))
     p.add_argument("--only", nargs="+", metavar="PATTERN", help="gptq/awq/mixed/calibration: run only the entries whose label matches "
                    "(e.g. 'GPTQ W4 g64*' 'fp32'); entries already saved are skipped")
     p.add_argument("--redo", action="store_true", help="gptq/awq/mixed/calibration: measure selected entries again even if saved")
@@ -312,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WikiText-2 windows to score; 0 = all (default: rtn 16, paper all, demo 4)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: rtn 2048, paper the model's)")
     p.add_argument("--model", default=None, help="paper: Hub id or folder (default facebook/opt-125m); demo: the model")
-    p.add_argument("--n-samples", type=int, default=128, help="paper: C4 calibration windows")
+    p.add_argument("--n-samples", type=int, default=None, help="paper: C4 calibration windows (default 128)")
     p.add_argument("--device", default=None, help="rtn: cpu (default) or cuda; paper: default cuda when there is one")
     p.set_defaults(func=cmd_bench)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from minquant.memory import module_bytes
+from minquant.meter import PeakMemory
 
 DEMO_PROMPT = "Explain in one sentence why a 70B-parameter model does not fit on one 24 GB GPU."
 
@@ -37,46 +38,6 @@ class Entry:
     seconds: float = 0.0
     peak_bytes: int | None = None
     errors: dict[str, float] = field(default_factory=dict)
-
-
-class PeakMemory:
-    """`with PeakMemory(device) as peak: ...` then `peak.bytes`: the peak while inside (None where unmeasurable).
-
-    On a GPU, the CUDA allocator's peak. On Linux, the process's peak resident memory (VmHWM), reset
-    to the current RSS on entry: what the OS saw, so memory the allocator already held and reuses
-    counts once. Where the reset is refused, `bytes` stays None: the process's lifetime peak would
-    be a wrong answer, not a rough one.
-    """
-
-    def __init__(self, device=None):
-        self.cuda = device is not None and torch.device(device).type == "cuda"
-        self.bytes = None
-        self._reset = False
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self._reset = True
-        else:
-            try:  # "5" resets the peak RSS (VmHWM) to the current RSS: Linux only
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self._reset = True
-            except OSError:
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        if not self._reset:
-            return
-        if self.cuda:
-            self.bytes = torch.cuda.max_memory_allocated()
-            return
-        try:
-            with open("/proc/self/status") as f:
-                self.bytes = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        except (OSError, StopIteration):
-            self.bytes = None
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:

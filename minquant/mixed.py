@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from minquant.memory import linear_bits
-from minquant.quant import QuantConfig
+from minquant.quant import QuantConfig, scheme_label
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
@@ -32,9 +32,7 @@ FLOAT = "fp16"  # the label of "keep this layer in float"
 
 def config_label(cfg: QuantConfig | None) -> str:
     """'W4 g64', 'W3 per-channel', or 'fp16' for a layer kept float."""
-    if cfg is None:
-        return FLOAT
-    return f"W{cfg.bits} " + ("per-channel" if cfg.group_size == -1 else f"g{cfg.group_size}")
+    return FLOAT if cfg is None else scheme_label(cfg.bits, cfg.group_size)
 
 
 def candidate_configs(bits=BITS, group_sizes=GROUP_SIZES, symmetric: bool = False,

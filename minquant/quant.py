@@ -60,6 +60,12 @@ class QuantConfig:
         return groups_per_row(K, self.group_size)
 
 
+def scheme_label(bits: int, group_size: int, sym: bool | None = None) -> str:
+    """The one way minquant names a scheme: 'W4 g64', 'W3 per-channel', and with `sym` given 'W4 g64 asym'."""
+    label = f"W{bits} " + ("per-channel" if group_size == -1 else f"g{group_size}")
+    return label if sym is None else f"{label} {'sym' if sym else 'asym'}"
+
+
 def groups_per_row(K: int, group_size: int) -> int:
     """How many groups a row of K inputs has; a clear error if group_size cannot cut it evenly.
 

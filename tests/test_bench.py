@@ -1,41 +1,67 @@
-"""minquant.bench: results files carry their provenance, and the README quotes them verbatim."""
+"""minquant.bench: results files carry their provenance, the README quotes them verbatim, and each table reads its file."""
 import json
 
 import pytest
 import torch
 
-from minquant import bench
+from minquant.bench import registry, results
 
 
 def test_results_roundtrip_with_provenance(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path)
-    path = bench.save_results("demo", {"seqlen": 8}, {"ppl": 1.5})
-    record = bench.load_results("demo")
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    path = results.save_results("demo", {"seqlen": 8}, {"ppl": 1.5})
+    record = results.load_results("demo")
     assert path == tmp_path / "demo.json" and record["results"] == {"ppl": 1.5}
     assert {"command", "date", "machine", "versions", "protocol"} <= set(record)
     assert record["versions"]["torch"] == torch.__version__ and record["machine"]["cores"] >= 1
     with pytest.raises(FileNotFoundError, match="no results file .*missing.json"):
-        bench.load_results("missing")
+        results.load_results("missing")
     for argv0 in ("/venv/bin/minquant", "/src/minquant/__main__.py", "/src/minquant/cli.py"):  # one command
         monkeypatch.setattr("sys.argv", [argv0, "bench", "sass"])
-        assert json.loads(bench.save_results("demo", {}, {}).read_text())["command"] == "minquant bench sass"
+        assert json.loads(results.save_results("demo", {}, {}).read_text())["command"] == "minquant bench sass"
     monkeypatch.setattr("sys.argv", ["out/run.py", "--x"])
-    assert json.loads(bench.save_results("demo", {}, {}).read_text())["command"] == "out/run.py --x"
+    assert json.loads(results.save_results("demo", {}, {}).read_text())["command"] == "out/run.py --x"
 
 
 def test_readme_tables_are_the_results_files():
-    readme = bench.README.read_text()
-    for name in bench.TABLES:
-        if not (bench.RESULTS_DIR / f"{name}.json").is_file():  # a sweep not run yet has no table
-            assert f"<!-- results:{name} -->" not in readme, f"README has a table for {name} but no results file"
-            continue
-        assert bench.readme_block(name) in readme, f"README is stale: run `minquant bench readme` ({name})"
-    for path in [*bench.RESULTS_DIR.glob("kernels_*.json"), *bench.RESULTS_DIR.glob("paper_*.json")]:  # per GPU, per model
-        assert bench.readme_block(path.stem) in readme, f"README is stale: run `minquant bench readme` ({path.stem})"
+    import re
+
+    readme = results.README.read_text()
+    for name in registry.results_names():
+        block = f"<!-- results:{name} -->\n{registry.table(name)}\n<!-- /results:{name} -->"
+        assert block in readme, f"README is stale or lacks the table of {name}: run `minquant bench readme`"
+    for name in re.findall(r"<!-- results:(\S+) -->", readme):  # and no table without its file
+        assert name in registry.results_names(), f"README has a table for {name} but no results file"
+
+
+def test_every_results_file_has_a_benchmark():
+    import fnmatch
+
+    names = registry.results_names()
+    by_hand = ("gpu_checks_*",)  # recorded by hand on a lent GPU (data/results/README.md): no benchmark, no table
+    files = [p.stem for p in results.RESULTS_DIR.glob("*.json") if not any(fnmatch.fnmatch(p.stem, h) for h in by_hand)]
+    assert sorted(names) == sorted(files)
+    for name in ("rtn_smollm2", "claims", "sass_kernels", "cpu_intel-xeon"):
+        assert name in names
+    with pytest.raises(KeyError, match="no benchmark writes"):
+        registry.table_for("nothing_like_this")
+    with pytest.raises(ValueError, match="minquant bench packing takes no --only"):
+        registry.run("packing", only=["x"])
+
+
+def test_update_readme_rewrites_only_the_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    results.save_results("r", {}, {"x": 1})
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:r -->\nold\n<!-- /results:r -->\nend\n<!-- results:gone -->\nkept\n<!-- /results:gone -->\n")
+    results.update_readme(["r", "gone"], lambda name: (lambda record: f"x is {record['results']['x']}"), readme)
+    assert readme.read_text() == ("intro\n<!-- results:r -->\nx is 1\n<!-- /results:r -->\nend\n"
+                                  "<!-- results:gone -->\nkept\n<!-- /results:gone -->\n")
 
 
 def test_kernels_table_reads_the_sweep():
-    from minquant.kernels.benchmark import kernels_table, targets_reached
+    from minquant.bench.kernels import table as kernels_table
+    from minquant.bench.kernels import targets_reached
 
     row = lambda M, fp16, mq, int4: {"M": M, "K": 8192, "N": 8192, "speedup_vs_fp16": fp16 / mq,  # noqa: E731
                                      "speedup_vs_torch_int4": int4 / mq, "percent_of_copy_bandwidth": 50.0,
@@ -58,8 +84,9 @@ def test_kernels_table_reads_the_sweep():
 
 
 def test_mixed_and_calibration_sweeps_and_tables():
-    from minquant.bench_mixed import (CALIB_PROTOCOL, PROTOCOL, W3_G64, W4_G64, calibration_entries, calibration_table,
-                                      entries, mixed_table)
+    from minquant.bench import calibration
+    from minquant.bench.mixed import PROTOCOL, W3_G64, W4_G64, entries
+    from minquant.bench.mixed import table as mixed_table
 
     specs = dict(entries())
     assert len(specs) == len(entries())
@@ -73,18 +100,18 @@ def test_mixed_and_calibration_sweeps_and_tables():
     table = mixed_table(record, gptq)
     assert "| 3.290 | mixed 3.297 bpw (= W3 g64) | 40.00 | 300 | W3 g64: 100, W4 g32: 110 |" in table
     assert "| 3.297 | GPTQ W3 g64 asym | 56.00 | 169 |  |" in table and "fp32: 20.00" in table
-    calib = dict(calibration_entries())
+    calib = dict(calibration.entries())
     assert calib["GPTQ random 128x512 seed 2"]["calib"] == {"source": "random", "n_samples": 128, "seqlen": 512, "seed": 2}
     assert calib["AWQ c4 long-documents 32x128 seed 1"]["calib"]["min_doc_tokens"] == 2048 and len(calib) == 49
-    assert CALIB_PROTOCOL["eval"]["windows"] == 4
-    rec = {"protocol": CALIB_PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
+    assert calibration.PROTOCOL["eval"]["windows"] == 4
+    rec = {"protocol": calibration.PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
         "GPTQ c4 8x512 seed 0": {"ppl": 50.0}, "GPTQ c4 8x512 seed 1": {"ppl": 54.0}, "RTN (no calibration)": {"ppl": 70.0}}}
-    t = calibration_table(rec)
+    t = calibration.table(rec)
     assert "| GPTQ c4 8x512 | 52.00 | 50.00 - 54.00 | 2 |" in t and "| RTN (no calibration) | 70.00 | 70.00 - 70.00 | 1 |" in t
 
 
 def test_rtn_results_support_the_claims():
-    rows = {r["label"]: r for r in bench.load_results("rtn_smollm2")["results"]["smollm2"]}
+    rows = {r["label"]: r for r in results.load_results("rtn_smollm2")["results"]["smollm2"]}
     assert abs(rows["W8 per-channel"]["ppl"] / rows["fp32"]["ppl"] - 1) < 0.005
     assert rows["W4 g64"]["ppl"] < rows["W4 per-channel"]["ppl"]
     assert rows["W4 g32 float zero"]["ppl"] == pytest.approx(rows["fp32"]["ppl"], rel=1e-3)  # the Q4_1 file
@@ -92,28 +119,32 @@ def test_rtn_results_support_the_claims():
 
 
 def test_wikitext_sentences():
-    sentences = bench.wikitext_sentences(256)
+    from minquant.bench.rtn import wikitext_sentences
+
+    sentences = wikitext_sentences(256)
     assert len(sentences) == 256 and len(set(sentences)) > 250
     assert all(len(s.split()) >= 6 and not s.startswith("=") for s in sentences)
 
 
 def test_sentence_embeddings_are_unit_vectors(minilm_tokenizer):
+    from minquant.bench.rtn import sentence_embeddings
     from minquant.models import load_model
 
     model, tok = load_model("minilm-l6")
-    e = bench.sentence_embeddings(model, tok, ["one short sentence .", "and a somewhat longer second sentence ."])
+    e = sentence_embeddings(model, tok, ["one short sentence .", "and a somewhat longer second sentence ."])
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))
 
 
 def test_packing_results_support_the_claims():
-    record = bench.load_results("packing_smollm2")["results"]
+    record = results.load_results("packing_smollm2")["results"]
     assert record["layer_4096"]["ratio_to_fp16"] <= 0.27
     for row in record["smollm2"]:  # files agree with minquant.memory's accounting within 1%
         assert row["file_bytes"] == pytest.approx(row["analytic_bytes"], rel=0.01), row
 
 
 def test_gptq_sweep_labels_and_table():
-    from minquant.bench_gptq import PROTOCOL, SCHEMES, entries, gptq_table
+    from minquant.bench.gptq import PROTOCOL, SCHEMES, entries
+    from minquant.bench.gptq import table as gptq_table
 
     labels = [label for label, _ in entries()]
     n_asym = sum(not sym for _, _, sym in SCHEMES)  # HQQ has asymmetric entries only
@@ -140,8 +171,9 @@ def test_gptq_sweep_labels_and_table():
 
 
 def test_awq_sweep_labels_and_table():
-    from minquant.bench_awq import PROTOCOL, entries, awq_table
-    from minquant.bench_gptq import PROTOCOL as GPTQ_PROTOCOL
+    from minquant.bench.awq import PROTOCOL, entries
+    from minquant.bench.awq import table as awq_table
+    from minquant.bench.gptq import PROTOCOL as GPTQ_PROTOCOL
 
     specs = dict(entries())
     assert len(specs) == len(entries()) == 8 and all(s["group_size"] == 64 and not s["sym"] for s in specs.values())
@@ -155,38 +187,39 @@ def test_awq_sweep_labels_and_table():
     assert "| W3 g64 asym | — | — | — | — | — | — | — |" in table
     assert "fp32: 20.00" in table and "ours 2.0-2.0 GB" in table and "llm-compressor not measured yet" in table
     assert "on X (2 cores), last entry 2026-01-03" in table
-    assert "fp32" not in awq_table(record)  # without the GPTQ sweep's file
+    assert "fp32" not in awq_table(record, {"results": {}})  # without the GPTQ sweep's numbers
 
 
-def test_peak_rss_sees_an_allocation():
-    import time
+def test_peak_memory_sees_an_allocation():
+    from minquant.meter import PeakMemory
 
-    from minquant.sweep import PeakRSS, _rss
-
-    with PeakRSS() as mem:
+    with PeakMemory() as small:
+        pass
+    with PeakMemory() as mem:
         big = torch.ones(256 * 2**20 // 4)  # 256 MB, touched
-        held = _rss()
-        time.sleep(0.1)  # the sampler looks every 20 ms
         del big
-    assert mem.peak >= held  # the moment the tensor was alive is in the peak, though it is freed by now
+    assert mem.bytes - small.bytes >= 200 * 2**20  # the moment the tensor was alive is in the peak, though it is freed
+    with PeakMemory(reset=False) as lifetime:
+        pass
+    assert lifetime.bytes >= mem.bytes  # the process's peak since it started
 
 
 def test_eightbit_table():
-    from minquant.bench_mixed import eightbit_formats, eightbit_table
+    from minquant.bench import eightbit
 
-    labels = list(eightbit_formats())
+    labels = list(eightbit.formats())
     record = {"machine": {"cpu": "X", "cores": 2},
               "protocol": {"formats": "f", "smollm2": {"eval": "e"}, "minilm": {"sentences": 256}},
               "results": {"smollm2": {"fp32": 20.0, **{k: 20.2 for k in labels}}, "minilm": {k: 0.99 for k in labels}}}
-    table = eightbit_table(record)
+    table = eightbit.table(record)
     assert "| fp8 e4m3 per-channel | 20.20 | +1.00% | 0.99000 |" in table and table.count("\n| ") == len(labels) + 1
 
 
 
 def test_claims_come_from_the_results_files():
-    record = bench.load_results("claims")
+    record = results.load_results("claims")
     rows = {r["claim"]: r for r in record["results"]["rows"]}
-    rtn = {r["label"]: r["ppl"] for r in bench.load_results("rtn_smollm2")["results"]["smollm2"]}
+    rtn = {r["label"]: r["ppl"] for r in results.load_results("rtn_smollm2")["results"]["smollm2"]}
     eight = rows["naive 8-bit weights cost < 1% quality"]
     assert f"{rtn['W8 per-channel']:.2f} vs fp32 {rtn['fp32']:.2f}" in eight["measured"] and eight["verdict"].startswith("holds")
     assert f"RTN W4 g64 {100 * (rtn['W4 g64'] / rtn['fp32'] - 1):+.0f}%" in rows["naive 4-bit weights cost 2-5% quality"]["measured"]
@@ -194,10 +227,10 @@ def test_claims_come_from_the_results_files():
 
 
 def test_mixed_results_meet_the_targets():
-    from minquant.bench_mixed import W3_G64, W4_G64
+    from minquant.bench.mixed import W3_G64, W4_G64
 
-    mixed = bench.load_results("mixed_smollm2")["results"]
-    gptq = bench.load_results("gptq_smollm2")["results"]
+    mixed = results.load_results("mixed_smollm2")["results"]
+    gptq = results.load_results("gptq_smollm2")["results"]
     w3, w4 = mixed["mixed 3.297 bpw (= W3 g64)"], mixed["mixed 4.312 bpw (= W4 g64)"]
     assert w3["bits_per_weight"] <= W3_G64 and w4["bits_per_weight"] <= W4_G64  # never over the budget
     assert w3["ppl"] < gptq["GPTQ W3 g64 asym"]["ppl"]  # beats uniform at equal bytes
@@ -206,13 +239,13 @@ def test_mixed_results_meet_the_targets():
 
 
 def test_sensitivity_table_ranks_layers():
-    from minquant.bench_mixed import sensitivity_table_md
+    from minquant.bench import sensitivity
 
     measured = {"a": 0.3, "b": 0.1, "c": 0.2}
     record = {"protocol": {"quantized": "RTN W3 g64 asym", "measured_on": "x", "stats": "y"},
               "results": {"base_nll": 3.0, "measured_seconds": 60.0, "stats_seconds": 5.0, "measured": measured,
                           "proxies": {"p": {"a": 1.0, "b": 3.0, "c": 2.0}}, "spearman": {"p": -0.5},
                           "sum_measured": 0.6, "sum_proxy": {"p": 6.0}}}
-    text = sensitivity_table_md(record, top=2)
+    text = sensitivity.table(record, top=2)
     assert "| p | -0.500 | 6 |" in text
     assert "| a | 0.3000 | 3 |" in text and "| c | 0.2000 | 2 |" in text and "| b |" not in text

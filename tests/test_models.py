@@ -73,7 +73,7 @@ def test_smollm2_knows_a_fact(smollm2):
 
 
 def test_minilm_loads_from_name_and_from_its_folder():
-    from minquant.bench import sentence_embeddings
+    from minquant.bench.rtn import sentence_embeddings
 
     model, tokenizer = load_model("minilm-l6")
     assert type(model).__name__ == "BertModel" and sum(p.numel() for p in model.parameters()) == 22_713_216

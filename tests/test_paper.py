@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import float64_ppl, save_tiny
-from minquant.paper import PAPER_ROWS, bench_paper, paper_table, results_name
+from minquant.bench.paper import PAPER_ROWS, results_name
+from minquant.bench.paper import run as bench_paper
+from minquant.bench.paper import table as paper_table
 
 
 def tiny_model(family: str, vocab: int):
@@ -34,11 +36,11 @@ def wikitext_ppl_float64(folder, seqlen: int, windows: int) -> float:
 
 def test_opt_125m_command_end_to_end(minilm_tokenizer, tmp_path, monkeypatch, capsys):
     """`minquant bench paper --model facebook/opt-125m`, with a random-init OPT standing in at that path."""
-    import minquant.bench
+    from minquant.bench import results as bench_results
     from minquant.cli import main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(minquant.bench, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(bench_results, "RESULTS_DIR", tmp_path / "results")
     folder = save_tiny(tiny_model("opt", len(minilm_tokenizer)), minilm_tokenizer, tmp_path / "facebook" / "opt-125m")
     assert main(["bench", "paper", "--model", "facebook/opt-125m", "--max-windows", "2", "--seqlen", "64",
                  "--n-samples", "4", "--device", "cpu"]) == 0

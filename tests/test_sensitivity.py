@@ -144,7 +144,7 @@ def test_sensitivity_bench_on_smollm2_matches_a_direct_measurement(smollm2, tmp_
     """The bench's saved numbers, on a small scale, against quantizing the layer in a copy and scoring it directly."""
     import json
 
-    from minquant.bench_mixed import bench_sensitivity
+    from minquant.bench.sensitivity import run as bench_sensitivity
     from minquant.data import load_text
     from minquant.eval import eval_ids
     from minquant.nn import QuantLinear

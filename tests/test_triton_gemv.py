@@ -155,11 +155,11 @@ def test_dispatch_errors():
 
 SASS_CHECK = """
 import json
-from minquant.kernels import sass, triton_gemv
+from minquant.bench import sass
 out = []
 for cap in (80, 90):
     for M, dt, permuted in ((1, "fp16", False), (1, "bf16", False), (1, "fp16", True), (4, "fp16", False)):
-        compiled, per_thread = triton_gemv.compile_for(cap, M, dtype=dt, permuted=permuted, bias=True)
+        compiled, per_thread = sass.compile_gemv(cap, M, dtype=dt, permuted=permuted, bias=True)
         r = sass.report(compiled, per_thread)
         loop = sass.main_loop(sass.sass_of(compiled))
         wide = sum(1 for ins in loop if sass.opcode(ins).startswith("LDG") and sass.opcode(ins).endswith(".128"))

@@ -68,12 +68,13 @@ def test_tc_takes_what_it_can():
 
 SASS_CHECK = """
 import json
-from minquant.kernels import sass, triton_tc
+from minquant.bench import sass
+from minquant.kernels import triton_tc
 cases = [(cap, dt, 16, triton_tc.CONFIGS[0]) for cap in (80, 90) for dt in ("fp16", "bf16")]
 cases += [(90, "fp16", c[0], c) for c in triton_tc.CONFIGS[1:]]  # every configuration the tuner may pick, at its M
 out = []
 for cap, dt, M, config in cases:
-    compiled, per_thread = triton_tc.compile_for(cap, M, dtype=dt, bias=True, config=config)
+    compiled, per_thread = sass.compile_tc(cap, M, dtype=dt, bias=True, config=config)
     r = sass.report(compiled, per_thread)
     loop = sass.main_loop(sass.sass_of(compiled))
     wide = sum(1 for ins in loop if sass.opcode(ins) == "LDG.E.EF.128")  # the weights (x: plain LDG.E.128)

@@ -262,19 +262,3 @@ def tuned_config(x2: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
                       for c in CONFIGS if c[2] == 1 or triton.cdiv(N, c[0]) < 128}
         _BEST[key] = fastest(candidates, f"GEMV configuration for M={M}, K={K}, N={N}")
     return _BEST[key]
-
-
-def compile_for(capability: int, M: int = 1, K: int = 8192, N: int = 8192, group_size: int = 128, dtype: str = "fp16",
-                permuted: bool = False, bias: bool = False, config=DEFAULT_CONFIG):
-    """The kernel compiled as the JIT would for such a call, for sm_<capability>, on any machine (no GPU):
-    (compiled kernel, weights a thread handles per loop iteration), for minquant.kernels.sass."""
-    from minquant.kernels import sass
-
-    a = launch_args(M, K, N, group_size, config)
-    args = dict(x_ptr=f"*{dtype}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
-                perm_ptr="*i32", out_ptr=f"*{dtype}", N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT,
-                stride_xm=K, stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
-    compiled = sass.compile_for_gpu(gemv_kernel, args, {**a["constexprs"], "HAS_BIAS": bias, "PERMUTED": permuted},
-                                    capability=capability, num_warps=a["num_warps"])
-    block_n, slots, _split, warps = config
-    return compiled, slots * a["constexprs"]["CHUNK_W"] * block_n * 8 // (32 * warps)

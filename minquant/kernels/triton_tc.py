@@ -170,20 +170,3 @@ def tuned_config(x2, qweight, qzeros, scales, group_size: int):
                       for c in CONFIGS}
         _BEST[key] = fastest(candidates, f"tensor-core configuration for M={M}, K={K}, N={N}")
     return _BEST[key]
-
-
-def compile_for(capability: int, M: int = 16, K: int = 8192, N: int = 8192, group_size: int = 128, dtype: str = "fp16",
-                bias: bool = False, config=None):
-    """The kernel compiled as the JIT would for such a call, for sm_<capability>, on any machine (no GPU):
-    (compiled kernel, weights a thread handles per loop iteration), for minquant.kernels.sass.
-    config: the first of CONFIGS for this M by default."""
-    from minquant.kernels import sass
-
-    config = config or first_config(M)
-    a = launch_args(M, K, N, group_size, config)
-    args = dict(x_ptr=f"*{dtype}", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", bias_ptr="*fp16",
-                out_ptr=f"*{dtype}", M=M, N=N, n_chunks=a["n_chunks"], magic=MAGIC, shift=NIBBLE_SHIFT, stride_xm=K,
-                stride_qk=N, stride_zg=N // 8, stride_sg=N, stride_om=N)
-    compiled = sass.compile_for_gpu(tc_kernel, args, {**a["constexprs"], "HAS_BIAS": bias, "PRECISION": "tf32"},
-                                    capability=capability, num_warps=a["num_warps"], num_stages=a["num_stages"])
-    return compiled, config[1] * 128 // (32 * config[3])

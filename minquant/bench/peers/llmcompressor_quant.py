@@ -44,7 +44,7 @@ def main() -> None:
     from minquant.data import calibration_windows
     from minquant.eval import perplexity
     from minquant.models import load_model
-    from minquant.peers import peak_rss_bytes
+    from minquant.meter import PeakMemory
 
     if not torch.accelerator.is_available():
         # llm-compressor 0.14's AWQ pins its cached activations (for faster copies to a GPU) and pinning
@@ -69,11 +69,12 @@ def main() -> None:
         recipe = GPTQModifier(**scheme, block_size=128, dampening_frac=0.01, actorder=a.actorder)
     else:  # AWQ only smooths (its defaults: duo scaling, 20-point grid); the quantizer rounds min/max after it
         recipe = [AWQModifier(), QuantizationModifier(**scheme)]
-    start = time.perf_counter()
-    oneshot(model=model, processor=tok, dataset=data, recipe=recipe, num_calibration_samples=a.n, max_seq_length=a.seqlen,
-            shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - start
-    peak_rss = peak_rss_bytes()
+    with PeakMemory(reset=False) as peak:  # since this process started: its model load included
+        start = time.perf_counter()
+        oneshot(model=model, processor=tok, dataset=data, recipe=recipe, num_calibration_samples=a.n, max_seq_length=a.seqlen,
+                shuffle_calibration_samples=False)
+        seconds = time.perf_counter() - start
+    peak_rss = peak.bytes
     ppl = perplexity(model, tok, "wikitext2", seqlen=a.eval_seqlen, max_windows=a.eval_windows, progress=False)
     result = {"tool": "llm-compressor", "version": llmcompressor.__version__, "method": "GPTQModifier" if a.method == "gptq" else "AWQModifier + QuantizationModifier",
               "bits": a.bits, "group_size": a.group_size, "sym": a.sym, "actorder": a.actorder,

@@ -8,14 +8,15 @@ llm-compressor 0.14 has only the second (actorder="static", its default; "group"
 
 Protocol (the project's quick CPU protocol): calibration 128 windows x 512 tokens from the C4
 slice, seed 0; WikiText-2 test, seqlen 2048, first 16 windows. The sweep machinery (entries saved
-as measured, `--only`, `--redo`, peers in their own venvs, peak memory) is `minquant/sweep.py`.
+as measured, `--only`, `--redo`, peers in their own venvs, peak memory) is `minquant/bench/sweep.py`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from minquant.bench import RESULTS_DIR
-from minquant.sweep import PEERS, run_sweep
+from minquant.bench.results import RESULTS_DIR
+from minquant.bench.sweep import PEERS, run_sweep
+from minquant.quant import scheme_label
 
 NAME = "gptq_smollm2"
 PROTOCOL = {"model": "smollm2-135m (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized to fp32)",
@@ -26,10 +27,6 @@ PROTOCOL = {"model": "smollm2-135m (SmolLM2-135M-Instruct, GGUF Q4_1 dequantized
 # (bits, group_size, sym): each with RTN, GPTQ, and GPTQ with act-order. K = 576 rules out g128.
 SCHEMES = [(4, 64, True), (4, 64, False), (4, -1, True), (4, -1, False), (3, 64, True), (3, 64, False)]
 HQQ_VERSION = PEERS["hqq"][1][0].split("==")[1]
-
-
-def scheme_label(bits: int, group_size: int, sym: bool) -> str:
-    return f"W{bits} {'per-channel' if group_size == -1 else f'g{group_size}'} {'sym' if sym else 'asym'}"
 
 
 def entries() -> list[tuple[str, dict]]:
@@ -68,12 +65,12 @@ def option_entries() -> list[tuple[str, dict]]:
     return out
 
 
-def bench_gptq(only: list[str] | None = None, redo: bool = False, out: Path | None = None) -> Path:
+def run(only: list[str] | None = None, redo: bool = False, out: Path | None = None) -> Path:
     """Run the GPTQ sweep's entries (all, or those matching `only`), saving each to data/results/gptq_smollm2.json."""
     return run_sweep(NAME, PROTOCOL, entries(), only=only, redo=redo, out=out or RESULTS_DIR / f"{NAME}.json")
 
 
-def gptq_table(record: dict) -> str:
+def table(record: dict) -> str:
     """Markdown: perplexity (and quantization seconds) per scheme and method, with the protocol above it."""
     r, p = record["results"], record["protocol"]
     cell = lambda label: (f"{r[label]['ppl']:.2f} ({r[label]['quantize_seconds']:.0f} s)" if label in r else "—")

@@ -42,7 +42,7 @@ FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "am
 
 def cpu_name() -> str:
     """A file-name-safe name for this CPU model (cpu_<name>.json)."""
-    from minquant.bench import machine
+    from minquant.bench.results import machine
 
     name = machine()["cpu"].lower()
     name = re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*$|\d+-core", " ", name)
@@ -226,8 +226,8 @@ def targets(layers: list[dict], decode: dict) -> dict:
     return {k: {"value": v, "target": t, "met": bool(v <= t if "at most" in k else v >= t)} for k, (v, t) in found.items()}
 
 
-def bench_cpu(out: Path | None = None, layers=LAYERS, batches=BATCHES, decode: bool = True) -> Path:
-    from minquant.bench import save_results
+def run(out: Path | None = None, layers=LAYERS, batches=BATCHES, decode: bool = True) -> Path:
+    from minquant.bench.results import save_results
 
     flags = cpu._cpu_flags()
     protocol = {"layers": "4-bit RTN asymmetric, x fp32; methods take turns per pass, median over passes; "
@@ -247,7 +247,7 @@ def bench_cpu(out: Path | None = None, layers=LAYERS, batches=BATCHES, decode: b
     return save_results(f"cpu_{cpu_name()}", protocol, results, out)
 
 
-def cpu_table(record: dict) -> str:
+def table(record: dict) -> str:
     p, r = record["protocol"], record["results"]
     flags = ", ".join(f for f, on in p["cpu_flags"].items() if on)
     lines = [f"QuantLinear on {record['machine']['cpu']} ({p['threads']} threads; {flags}; `minquant bench cpu`, "
