@@ -18,39 +18,65 @@ from pathlib import Path
 import torch
 
 from minquant.nn import QuantLinear
+from minquant.quant import QuantConfig
 
 METHODS = ("rtn", "gptq", "awq")
+# Arguments that are not a method's own settings but its calibration data and mixed precision:
+# RTN reads no data, and only GPTQ plans mixed precision. Their defaults, to tell "given" apart.
+DATA_OPTIONS = {"calib": "c4", "n_samples": 128, "seqlen": 512, "seed": 0, "batch_size": 8}
 
 
-# Options that only one method (or two) reads, and their defaults: any other value is an error for
-# the other methods, never silently written into the checkpoint's config.
-METHOD_OPTIONS = {
-    "full_range": (("rtn", "gptq"), False), "act_order": (("gptq",), False), "static_groups": (("gptq",), False),
-    "search_range": (("gptq",), False), "damp": (("gptq",), None), "true_sequential": (("gptq",), True),
-    "bits_budget": (("gptq",), None), "sensitivity_samples": (("gptq",), 16), "duo_scaling": (("awq",), False),
-    "clip": (("awq",), True), "calib": (("gptq", "awq"), "c4"), "n_samples": (("gptq", "awq"), 128),
-    "seqlen": (("gptq", "awq"), 512), "seed": (("gptq", "awq"), 0), "batch_size": (("gptq", "awq"), 8),
-}
+def method_config(method: str, *, bits: int = 4, group_size: int = 128, sym: bool = False, full_range: bool = False,
+                  **options):
+    """The config that `method` runs with, validated: QuantConfig (rtn), GPTQConfig (gptq) or AWQConfig (awq).
+
+    bits, group_size, sym and full_range make the grid (a QuantConfig) that every method shares; `options`
+    are the method's own fields (GPTQ: damp, block_size, act_order, static_groups, search_range,
+    true_sequential; AWQ: n_grid, duo_scaling, clip, clip_grid, max_shrink). An option the method's config
+    has no field for is refused, naming it: nothing is silently ignored or written into a checkpoint.
+    """
+    from dataclasses import fields
+
+    from minquant.awq import AWQConfig
+    from minquant.gptq import GPTQConfig
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; minquant has: {', '.join(METHODS)}")
+    config_class = {"rtn": None, "gptq": GPTQConfig, "awq": AWQConfig}[method]
+    own = {f.name for f in fields(config_class)} - {"quant"} if config_class else set()
+    foreign = {k: v for k, v in options.items() if k not in own}
+    if foreign:
+        raise ValueError(f"{_describe(foreign)}: not option(s) of method={method!r}"
+                         + (f" (its options: {', '.join(sorted(own))})" if own else
+                            " (RTN rounds each group's min/max range; its only options are the grid's)"))
+    quant = QuantConfig(bits=bits, group_size=group_size, symmetric=sym, full_range=full_range)
+    return quant if config_class is None else config_class(quant, **options)
+
+
+def _describe(options: dict) -> str:
+    return ", ".join(f"{k}=" + (f"<token ids {tuple(v.shape)}>" if isinstance(v, torch.Tensor) else repr(v))
+                     for k, v in options.items())
 
 
 @torch.no_grad()
-def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, group_size: int = 128,
-             sym: bool = False, full_range: bool = False, act_order: bool = False, static_groups: bool = False,
-             search_range: bool = False, damp: float | None = None, true_sequential: bool = True,
-             duo_scaling: bool = False, clip: bool = True, bits_budget: float | None = None, sensitivity_samples: int = 16,
+def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, group_size: int = 128, sym: bool = False,
              calib: str | torch.Tensor = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0,
-             device=None, batch_size: int = 8, progress: bool = True):
+             bits_budget: float | None = None, sensitivity_samples: int = 16, device=None, batch_size: int = 8,
+             progress: bool = True, **options):
     """Quantize `model`'s linear layers in place into QuantLinear (GPTQ layout) and return the model.
 
     `model`: an nn.Module, or a name to load first (packaged name, local folder or Hub id, fp32).
 
     method "rtn": min/max round-to-nearest, no data. methods "gptq" and "awq": calibration windows
     from `calib` ("c4", "wikitext2", or token ids (n, seqlen)) via `tokenizer`; block by block on `device`.
-    `full_range` (with `sym`): all 2**bits levels, GPTQ's own symmetric grid, not one symmetric
-    around 0. `search_range` (GPTQ): each group's range narrowed to the one that rounds it best.
-    `damp` (GPTQ, default 0.01): added to H's diagonal, as a fraction of its mean.
-    `true_sequential=False` (GPTQ): each block's groups all calibrated on its float inputs.
-    `duo_scaling`, `clip` (AWQ): scales from activations and weights; search each group's range shrink.
+    bits, group_size, sym and `full_range` (with `sym`: all 2**bits levels, GPTQ's own symmetric
+    grid, not one symmetric around 0) make the grid every method shares. `options` are the method's
+    own settings, the fields of its config (`method_config`):
+        gptq  damp (0.01, added to H's diagonal as a fraction of its mean), act_order, static_groups,
+              search_range (each group's range narrowed to the one that rounds it best),
+              true_sequential (False: each block's groups all calibrated on its float inputs), block_size
+        awq   duo_scaling (scales from activations and weights), clip (search each group's range
+              shrink), n_grid, clip_grid, max_shrink
     `bits_budget` (GPTQ): mixed precision: bits and group size per layer (2/3/4/8 bits at g32/g64/g128/
     per-channel, or fp16) with the least summed sensitivity (measured on the first `sensitivity_samples`
     calibration windows) at <= that many bits per weight of the block linears, scales and zeros counted;
@@ -64,36 +90,26 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     stay overwritten: the model is then marked, and every later forward, quantize or save refuses it.
     """
     from minquant.checkpoint import quantization_config
-    from minquant.gptq import GPTQConfig
     from minquant.models import check_usable, mark_unusable
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; minquant has: {', '.join(METHODS)}")
-    given = {"full_range": full_range, "act_order": act_order, "static_groups": static_groups, "search_range": search_range,
-             "damp": damp, "true_sequential": true_sequential, "bits_budget": bits_budget,
-             "sensitivity_samples": sensitivity_samples, "duo_scaling": duo_scaling, "clip": clip,
-             "calib": calib, "n_samples": n_samples, "seqlen": seqlen, "seed": seed, "batch_size": batch_size}
-    _check_options(method, given)
-    model = _as_model(model)
+    cfg = method_config(method, bits=bits, group_size=group_size, sym=sym, **options)  # validates every number
+    _check_data_options(method, dict(calib=calib, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size),
+                        bits_budget, sensitivity_samples)
+    quant = cfg if method == "rtn" else cfg.quant
+    model = as_model(model)
     check_usable(model)
     if not hasattr(model, "config"):
         raise TypeError(f"minquant.quantize takes a Hugging Face model (one with .config), got a {type(model).__name__}; "
-                        "for plain modules use minquant.rtn.quantize_model")
+                        "for plain modules use minquant.rtn.quantize_to_quantlinear")
     tokenizer = tokenizer_of(model, tokenizer)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
-    cfg = GPTQConfig(bits=bits, group_size=group_size, sym=sym, full_range=full_range, damp=0.01 if damp is None else damp,
-                     act_order=act_order, static_groups=static_groups, search_range=search_range)  # validates the numbers
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     device = check_device(device)
-    _check_weights(model, method, cfg, bits_budget)
+    _check_weights(model, method, quant, bits_budget)
     if bits_budget is not None:
         from minquant.mixed import candidate_configs, check_budget, layer_shapes, plan_model
         from minquant.sensitivity import layer_names
 
-        if not (isinstance(sensitivity_samples, int) and sensitivity_samples >= 1):
-            raise ValueError(f"sensitivity_samples must be a positive integer, got {sensitivity_samples!r}")
         configs = candidate_configs(symmetric=sym)
         check_budget(bits_budget, layer_shapes(model, layer_names(model)), configs)
     windows = None
@@ -109,8 +125,7 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         model.mixed_plan, _ = plan_model(model, windows[:sensitivity_samples], bits_budget, configs, progress=progress)
         plan = {name: model.mixed_plan.config(name) for name in model.mixed_plan.layers}
     try:  # from here on the model changes
-        report = _run_method(model, method, cfg, windows, plan, device=device, batch_size=batch_size,
-                             true_sequential=true_sequential, duo_scaling=duo_scaling, clip=clip, progress=progress)
+        report = _run_method(model, method, cfg, windows, plan, device=device, batch_size=batch_size, progress=progress)
     except BaseException as e:
         mark_unusable(model, f"this model is neither float nor quantized: minquant.quantize(method={method!r}) failed "
                              f"part-way ({type(e).__name__}: {e}) after overwriting some of its layers; load the float "
@@ -120,54 +135,52 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         report["calibration"] = _calibration_report(calib, windows, seed)
     if plan is not None:
         report["mixed_plan"] = model.mixed_plan.to_json()
-    model.config.quantization_config = quantization_config(cfg.quant, ("lm_head",), method=method,
-                                                           desc_act=act_order, static_groups=static_groups,
-                                                           damp_percent=cfg.damp,
-                                                           true_sequential=true_sequential and method == "gptq")
+    gptq = method == "gptq"
+    model.config.quantization_config = quantization_config(
+        quant, ("lm_head",), method=method, desc_act=gptq and cfg.act_order, static_groups=gptq and cfg.static_groups,
+        damp_percent=cfg.damp if gptq else 0.01, true_sequential=gptq and cfg.true_sequential)
     model.quantization_report = report
     return model
 
 
-def _check_options(method: str, given: dict) -> None:
-    """An error naming every option given that `method` does not read."""
-    foreign = [f"{k}=" + (f"<token ids {tuple(v.shape)}>" if isinstance(v, torch.Tensor) else repr(v)) for k, v in given.items()
-               if method not in METHOD_OPTIONS[k][0] and not _is_default(v, METHOD_OPTIONS[k][1])]
-    if foreign:
-        raise ValueError(f"{', '.join(foreign)}: not option(s) of method={method!r}" +
-                         (" (RTN rounds each group's min/max range, with no calibration data)" if method == "rtn" else ""))
-    if given["bits_budget"] is None and given["sensitivity_samples"] != METHOD_OPTIONS["sensitivity_samples"][1]:
-        raise ValueError(f"sensitivity_samples={given['sensitivity_samples']!r} is read only with bits_budget (mixed precision)")
+def _check_data_options(method: str, data: dict, bits_budget, sensitivity_samples) -> None:
+    """Calibration data only for the methods that read it; mixed precision only for GPTQ; sane counts."""
+    given = {k: v for k, v in data.items() if isinstance(v, torch.Tensor) or v != DATA_OPTIONS[k]}
+    if method == "rtn" and given:
+        raise ValueError(f"{_describe(given)}: not option(s) of method='rtn' (RTN rounds each group's min/max range, "
+                         "with no calibration data)")
+    if bits_budget is not None and method != "gptq":
+        raise ValueError(f"bits_budget={bits_budget!r}: not option(s) of method={method!r} (mixed precision is planned "
+                         "for GPTQ)")
+    if bits_budget is None and sensitivity_samples != 16:
+        raise ValueError(f"sensitivity_samples={sensitivity_samples!r} is read only with bits_budget (mixed precision)")
+    if not (isinstance(sensitivity_samples, int) and sensitivity_samples >= 1):
+        raise ValueError(f"sensitivity_samples must be a positive integer, got {sensitivity_samples!r}")
+    if not (isinstance(data["batch_size"], int) and data["batch_size"] >= 1):
+        raise ValueError(f"batch_size must be a positive integer, got {data['batch_size']!r}")
 
 
-def _is_default(value, default) -> bool:
-    return value is default if default is None or isinstance(default, bool) else \
-        (not isinstance(value, torch.Tensor) and value == default)
-
-
-def _run_method(model, method: str, cfg, windows, plan, *, device, batch_size, true_sequential, duo_scaling, clip,
-                progress) -> dict:
+def _run_method(model, method: str, cfg, windows, plan, *, device, batch_size, progress) -> dict:
     if method == "rtn":
         import time
 
-        from minquant.rtn import quantize_model
+        from minquant.rtn import quantize_to_quantlinear
 
         start = time.perf_counter()
-        layers = quantize_model(model, cfg.quant, progress=progress)
+        layers = quantize_to_quantlinear(model, cfg, progress=progress)
         return {"seconds": time.perf_counter() - start, "layers": {r.name: {"mse": r.mse} for r in layers}}
     if method == "awq":
-        from minquant.awq import AWQConfig, awq_quantize_model
+        from minquant.awq import awq_quantize_model
 
-        awq_cfg = AWQConfig(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, duo_scaling=duo_scaling, clip=clip)
-        model.awq_search, report = awq_quantize_model(model, windows, awq_cfg, device=device, batch_size=batch_size,
+        model.awq_search, report = awq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size,
                                                       progress=progress)
         return report
     from minquant.gptq import gptq_quantize_model
 
-    return gptq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size,
-                               true_sequential=true_sequential, plan=plan, progress=progress)
+    return gptq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size, plan=plan, progress=progress)
 
 
-def _check_weights(model, method: str, cfg, bits_budget) -> None:
+def _check_weights(model, method: str, quant: QuantConfig, bits_budget) -> None:
     """Every layer the method will change can be stored (shape, finite, fp16 scales and biases), up front."""
     from minquant.calibrate import check_linears
     from minquant.models import ARCHITECTURES, architecture
@@ -179,7 +192,7 @@ def _check_weights(model, method: str, cfg, bits_budget) -> None:
     if method == "rtn" and getattr(model.config, "model_type", None) not in ARCHITECTURES:
         return  # RTN quantizes any nn.Linear and checks them all itself before changing one
     if method != "rtn" or bits_budget is None:
-        check_linears(model, architecture(model), cfg.quant)
+        check_linears(model, architecture(model), quant)
 
 
 def check_device(device) -> torch.device | None:
@@ -244,7 +257,7 @@ def tokenizer_of(model, tokenizer=None):
     return tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
 
 
-def _as_model(model_or_name):
+def as_model(model_or_name):
     """A module as is; a name (packaged, folder, Hub id) loaded in fp32 with its tokenizer attached."""
     if isinstance(model_or_name, (str, os.PathLike)):
         from minquant.models import load_model

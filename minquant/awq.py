@@ -31,15 +31,12 @@ import torch
 from torch import nn
 
 from minquant.calibrate import InputStats
-from minquant.packing import gptq_qparams_from_range
-from minquant.quant import QuantConfig, _grouped
+from minquant.quant import QuantConfig, dequantize, grouped, quantize, storable_qparams_from_range
 
 
 @dataclass(frozen=True)
 class AWQConfig:
-    bits: int = 4  # 2..8
-    group_size: int = 128  # input columns sharing a scale/zero; -1 = one per output row
-    sym: bool = False  # AWQ's default is asymmetric (a zero-point per group)
+    quant: QuantConfig = QuantConfig()  # the grid: AWQ's default is asymmetric (a zero-point per group)
     n_grid: int = 20  # alpha in 0, 1/(n_grid-1), ..., 1; n_grid = 1 tries alpha = 0 only (no scaling)
     duo_scaling: bool = False  # s = mean|x|^alpha / mean|w|^(1-alpha) (llm-compressor's default) instead of mean|x|^alpha
     clip: bool = True  # search each (row, group)'s range shrink
@@ -47,15 +44,14 @@ class AWQConfig:
     max_shrink: float = 0.5  # ... down to (not including) 1 - max_shrink
 
     def __post_init__(self):
-        self.quant  # validates bits and group_size
+        if not isinstance(self.quant, QuantConfig):
+            raise ValueError(f"quant must be a QuantConfig (bits, group_size, symmetric, ...), got {self.quant!r}")
+        if not self.quant.integer_zero:
+            raise ValueError("AWQ stores integer zero-points (the GPTQ format): QuantConfig(integer_zero=False) is RTN-only")
         if not (isinstance(self.n_grid, int) and self.n_grid >= 1):
             raise ValueError(f"n_grid must be a positive integer, got {self.n_grid!r}")
         if not (isinstance(self.clip_grid, int) and self.clip_grid >= 1) or not 0 < self.max_shrink < 1:
             raise ValueError(f"need clip_grid >= 1 and 0 < max_shrink < 1, got {self.clip_grid!r}, {self.max_shrink!r}")
-
-    @property
-    def quant(self) -> QuantConfig:
-        return QuantConfig(bits=self.bits, group_size=self.group_size, symmetric=self.sym)
 
     @property
     def alphas(self) -> list[float]:
@@ -96,7 +92,10 @@ class AWQSearch:
                 raise ValueError(f"{path} is not an AWQ search result saved by minquant (no 'minquant_awq' metadata)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(meta)
-        return cls(AWQConfig(**meta["config"]), [(p, list(ls)) for p, ls in meta["mappings"]],
+        c = dict(meta["config"])  # searches saved before the config carried a QuantConfig held its fields flat
+        quant = QuantConfig(**c.pop("quant")) if "quant" in c else \
+            QuantConfig(c.pop("bits"), c.pop("group_size"), symmetric=c.pop("sym"))
+        return cls(AWQConfig(quant, **c), [(p, list(ls)) for p, ls in meta["mappings"]],
                    {k[6:]: v for k, v in tensors.items() if k.startswith("scale:")},
                    {k[5:]: v for k, v in tensors.items() if k.startswith("clip:")},
                    meta["alphas"], {k: tuple(v) for k, v in meta["errors"].items()})
@@ -111,11 +110,10 @@ def quantize_shrunk(w: torch.Tensor, cfg: QuantConfig, shrink: torch.Tensor | fl
 
     Returns (q uint8 (N, K), scale (N, G), zero (N, G), the dequantized weight (N, K) float32).
     """
-    wg = _grouped(w, cfg)
-    scale, zero = gptq_qparams_from_range(wg.amin(-1) * shrink, wg.amax(-1) * shrink, cfg)
-    q = torch.round(wg / scale.unsqueeze(-1)).add_(zero.unsqueeze(-1)).clamp_(cfg.minq, cfg.maxq)
-    w_q = ((q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(w.shape)
-    return q.reshape(w.shape).to(torch.uint8), scale, zero, w_q
+    wg = grouped(w, cfg)
+    scale, zero = storable_qparams_from_range(wg.amin(-1) * shrink, wg.amax(-1) * shrink, cfg)
+    q = quantize(w, scale, zero, cfg)
+    return q, scale, zero, dequantize(q, scale, zero, cfg)
 
 
 def output_error(W: torch.Tensor, W_q: torch.Tensor, H: torch.Tensor) -> float:
@@ -129,7 +127,7 @@ def search_scale(weights: list[torch.Tensor], stats: InputStats, cfg: AWQConfig)
     W = torch.cat([w.float() for w in weights])  # (sum N, K): the group as one matrix
     x_mean = stats.mean_abs.float()
     if cfg.duo_scaling:  # each weight relative to its group's largest, averaged over the rows
-        wg = _grouped(W, cfg.quant).abs()
+        wg = grouped(W, cfg.quant).abs()
         w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(W.shape).mean(0)
     best = (float("inf"), None, None)
     errors = []
@@ -234,7 +232,7 @@ def awq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: AWQConfig, 
     The model's linears become QuantLinear. Returns the search (save it to re-apply) and a report.
     Each block's statistics come from its float inputs' one pass; the next block sees the quantized one.
     """
-    from minquant.calibrate import quantize_whole_blocks
+    from minquant.calibrate import quantize_blocks_one_pass
 
     arch = _check_model(model, cfg)
     search, quantized = AWQSearch(cfg), {}
@@ -269,8 +267,8 @@ def awq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: AWQConfig, 
                 linear.weight.data = w_q.to(linear.weight.dtype)  # the next block sees the quantized one
                 quantized[f"{prefix}.{name}"] = (q.cpu(), scale.cpu(), zero.cpu())
 
-    report = quantize_whole_blocks(model, windows, quantize_block, device=device, batch_size=batch_size,
-                                   progress=progress, desc=f"AWQ W{cfg.bits}")
+    report = quantize_blocks_one_pass(model, windows, quantize_block, device=device, batch_size=batch_size,
+                                   progress=progress, desc=f"AWQ W{cfg.quant.bits}")
     _to_quantlinears(model, quantized, cfg.quant)
     report["alphas"] = search.alphas
     return search, report
@@ -283,10 +281,7 @@ def apply_awq(model: nn.Module, search: AWQSearch) -> nn.Module:
     arch = _check_model(model, cfg)
     for prev_name, names in search.mappings:
         fold_scale(model.get_submodule(prev_name), [model.get_submodule(n) for n in names], search.scales[prev_name])
-    from minquant.models import find_blocks
-
-    quantized, blocks = {}, find_blocks(model, arch)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    quantized, (prefix, blocks) = {}, arch.locate_blocks(model)
     for i in range(len(blocks)):
         for name in arch.linears:
             full = f"{prefix}.{i}.{name}"

@@ -115,7 +115,7 @@ def _run(block: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-class _Replay:
+class Replay:
     """Record a finished module's output per batch the first time it runs, then return it instead."""
 
     def __init__(self, module: nn.Module, outputs: list | None = None):
@@ -174,8 +174,7 @@ def check_linears(model: nn.Module, arch: Architecture, cfg, plan: dict | None =
     float): it packs, its weights are finite, its scales and bias fit fp16; else a clear error."""
     from minquant.packing import check_storable
 
-    blocks = find_blocks(model, arch)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    prefix, blocks = arch.locate_blocks(model)
     unknown = sorted(set(plan or {}) - {f"{prefix}.{i}.{name}" for i in range(len(blocks)) for name in arch.linears})
     if unknown:
         raise ValueError(f"the plan names layers the model does not quantize: {', '.join(unknown[:3])}"
@@ -196,7 +195,7 @@ GroupQuantizer = Callable[[dict[str, nn.Linear], torch.Tensor], None]
 
 
 @torch.no_grad()
-def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: GroupQuantizer, *, device=None,
+def quantize_blocks_sequential(model: nn.Module, windows: torch.Tensor, quantize_group: GroupQuantizer, *, device=None,
                     batch_size: int = 8, replay: bool = True, progress: bool = True, desc: str = "blocks") -> dict:
     """Run the block-by-block driver; `quantize_group({name: linear}, H)` quantizes one group in place.
 
@@ -221,11 +220,11 @@ def quantize_blocks(model: nn.Module, windows: torch.Tensor, quantize_group: Gro
             done |= set(group)
             if pending is not None:  # `through` returns its last linear's output: fill in the quantized one
                 last = block.get_submodule(group[0])
-                replays[through] = _Replay(block.get_submodule(through), [_with_first(out, last(x)) for x, out in pending])
+                replays[through] = Replay(block.get_submodule(through), [_with_first(out, last(x)) for x, out in pending])
                 del pending
             for name in finished:
                 if name not in replays:
-                    replays[name] = _Replay(block.get_submodule(name))
+                    replays[name] = Replay(block.get_submodule(name))
             _drop_inner(replays, len(inputs))
 
     return _drive(model, windows, work, device=device, batch_size=batch_size, progress=progress, desc=desc)
@@ -242,13 +241,13 @@ BlockQuantizer = Callable[[str, nn.Module, list[InputStats]], None]
 
 
 @torch.no_grad()
-def quantize_whole_blocks(model: nn.Module, windows: torch.Tensor, quantize_block: BlockQuantizer, *, device=None,
+def quantize_blocks_one_pass(model: nn.Module, windows: torch.Tensor, quantize_block: BlockQuantizer, *, device=None,
                           batch_size: int = 8, progress: bool = True, desc: str = "blocks") -> dict:
     """The driver for methods that treat a block at once (AWQ): `quantize_block(prefix, block, stats)`.
 
     `stats[j]` are the input statistics of the block's j-th group, all from one pass of the block as
     it arrives (float, before any of its linears change); `quantize_block` may then change the whole
-    block. The next block receives the changed block's outputs, as with `quantize_blocks`.
+    block. The next block receives the changed block's outputs, as with `quantize_blocks_sequential`.
     """
     arch: Architecture = architecture(model)
 
@@ -260,8 +259,7 @@ def quantize_whole_blocks(model: nn.Module, windows: torch.Tensor, quantize_bloc
 
 def _drive(model: nn.Module, windows: torch.Tensor, work, *, device, batch_size: int, progress: bool, desc: str) -> dict:
     """Capture the first block's inputs, then per block: to `device`, `work(...)`, its outputs, home."""
-    blocks = find_blocks(model, architecture(model))
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    prefix, blocks = architecture(model).locate_blocks(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     batches = batched(windows, batch_size)
@@ -271,7 +269,7 @@ def _drive(model: nn.Module, windows: torch.Tensor, work, *, device, batch_size:
     inputs, kwargs = block_inputs(model, batches, device)
     kwargs = [_to(kw, device) for kw in kwargs]
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
-        replays: dict[str, _Replay] = {}  # filled by `work`; they speed up the outputs pass
+        replays: dict[str, Replay] = {}  # filled by `work`; they speed up the outputs pass
         try:
             block.to(device)
             work(f"{prefix}.{i}", block, inputs, kwargs, replays)
@@ -287,7 +285,7 @@ def _drive(model: nn.Module, windows: torch.Tensor, work, *, device, batch_size:
     return report
 
 
-def _drop_inner(replays: dict[str, _Replay], n_batches: int) -> None:
+def _drop_inner(replays: dict[str, Replay], n_batches: int) -> None:
     """Free the replays inside one that holds every batch's output already: they are not called again."""
     for name, outer in list(replays.items()):
         if name in replays and len(outer.outputs) == n_batches:
@@ -295,7 +293,7 @@ def _drop_inner(replays: dict[str, _Replay], n_batches: int) -> None:
                 replays.pop(inner).remove()
 
 
-def _for_each_batch(replays: list[_Replay], inputs: list, kwargs: list[dict], fn) -> list:
+def _for_each_batch(replays: list[Replay], inputs: list, kwargs: list[dict], fn) -> list:
     outs = []
     for b, (x, kw) in enumerate(zip(inputs, kwargs)):
         for r in replays:
@@ -304,7 +302,7 @@ def _for_each_batch(replays: list[_Replay], inputs: list, kwargs: list[dict], fn
     return outs
 
 
-def _hessian(block: nn.Module, first: nn.Linear, inputs: list, kwargs: list[dict], replays: list[_Replay],
+def _hessian(block: nn.Module, first: nn.Linear, inputs: list, kwargs: list[dict], replays: list[Replay],
              through: nn.Module | None = None) -> tuple[torch.Tensor, list | None]:
     """H = 2 X X^T / n of the input of `first` over all calibration tokens, in float32 (K, K).
 
@@ -393,5 +391,5 @@ def _with_first(out, value):
     return type(out)((value, *out[1:])) if isinstance(out, tuple | list) else value
 
 
-def _outputs(block: nn.Module, inputs: list, kwargs: list[dict], replays: list[_Replay]) -> list:
+def _outputs(block: nn.Module, inputs: list, kwargs: list[dict], replays: list[Replay]) -> list:
     return _for_each_batch(replays, inputs, kwargs, lambda x, kw: _run(block, x, kw))

@@ -39,7 +39,7 @@ def _dynamic(model, base: QuantConfig) -> dict[str, dict]:
     """GPTQModel's per-module overrides (`dynamic`, which vLLM also reads): for each QuantLinear stored
     differently from `base`, "+:<its name>$" -> its bits/group_size/sym; for each linear of a block left
     float, "-:<its name>$" (not quantized). Keys are regular expressions matched from the module name's start."""
-    from minquant.models import ARCHITECTURES, find_blocks
+    from minquant.models import ARCHITECTURES
 
     dynamic = {}
     for name, m in model.named_modules():
@@ -47,8 +47,7 @@ def _dynamic(model, base: QuantConfig) -> dict[str, dict]:
             dynamic[f"+:{re.escape(name)}$"] = {"bits": m.cfg.bits, "group_size": m.cfg.group_size, "sym": m.cfg.symmetric}
     arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
     if arch is not None:
-        blocks = find_blocks(model, arch)
-        prefix = next(n for n, m in model.named_modules() if m is blocks)
+        prefix, blocks = arch.locate_blocks(model)
         for name, m in blocks.named_modules(prefix=prefix):
             if type(m) is torch.nn.Linear:
                 dynamic[f"-:{re.escape(name)}$"] = {}

@@ -100,12 +100,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     data = {"calib": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed} \
         if args.method != "rtn" else {}  # RTN takes no calibration data (and quantize says so if given any)
-    gptq = {"damp": args.damp, "true_sequential": not args.no_true_sequential}
-    minquant.quantize(model, args.method, bits=args.bits, group_size=args.group_size,
-                      sym=args.sym, full_range=args.full_range, act_order=args.act_order,
-                      static_groups=args.static_groups, search_range=args.search_range,
-                      duo_scaling=args.duo_scaling, clip=not args.no_clip, bits_budget=args.bits_budget,
-                      device=args.device, **data, **{k: v for k, v in gptq.items() if v is not None})
+    # only the options given: quantize names any that the method does not have
+    flags = {"act_order": args.act_order, "static_groups": args.static_groups, "search_range": args.search_range,
+             "duo_scaling": args.duo_scaling}
+    options = {k: True for k, given in flags.items() if given}
+    options |= {"clip": False} if args.no_clip else {}
+    options |= {"true_sequential": False} if args.no_true_sequential else {}
+    options |= {"damp": args.damp} if args.damp is not None else {}
+    minquant.quantize(model, args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
+                      full_range=args.full_range, bits_budget=args.bits_budget, device=args.device, **data, **options)
     seconds = time.perf_counter() - start
     out = minquant.save(model, args.out, overwrite=args.overwrite)
     if args.bits_budget is not None:  # which config each layer got

@@ -40,18 +40,19 @@ class Entry:
     errors: dict[str, float] = field(default_factory=dict)
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    from minquant.models import ARCHITECTURES, architecture, find_blocks
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    from minquant.models import ARCHITECTURES, architecture
 
+    # a quantized model's blocks no longer pass architecture()'s check (QuantLinear is not nn.Linear)
     known = ARCHITECTURES.get(getattr(model.config, "model_type", None))
-    return find_blocks(model, known or architecture(model))  # architecture() names what is unsupported
+    return (known or architecture(model)).locate_blocks(model)  # architecture() names what is unsupported
 
 
 def block_linear_bytes(model: nn.Module) -> int:
     """Bytes of the linears inside the decoder blocks (float weights, or QuantLinear buffers)."""
     from minquant.nn import QuantLinear
 
-    blocks = _blocks(model)
+    _, blocks = _blocks(model)
     return sum(module_bytes(m) for m in blocks.modules() if isinstance(m, (nn.Linear, QuantLinear)))
 
 
@@ -60,8 +61,7 @@ def layer_outputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor
     """Output of every linear inside the decoder blocks for token ids (1, T), keyed by module name."""
     from minquant.nn import QuantLinear
 
-    blocks = _blocks(model)
-    prefix = next(name for name, m in model.named_modules() if m is blocks)
+    prefix, blocks = _blocks(model)
     outputs, hooks = {}, []
     for name, m in blocks.named_modules():
         if isinstance(m, (nn.Linear, QuantLinear)):
@@ -178,12 +178,13 @@ def demo(model_name: str = "smollm2-135m", out_dir: str = "minquant-demo", *, me
     as good as long ones for GPTQ on SmolLM2 (better, at W3) and AWQ within a few percent, at a
     quarter of the time, which keeps the demo near 5 minutes on 2 cores."""
     import minquant
+    from minquant.api import as_model
     from minquant.checkpoint import disk_bytes
     from minquant.eval import default_seqlen
 
     start = time.perf_counter()
     print(f"loading {model_name} ...", flush=True)
-    model = minquant.api._as_model(model_name)
+    model = as_model(model_name)
     entries, best = compare(model, methods=methods, bits=bits, group_size=group_size, n_samples=n_samples,
                             seqlen=seqlen, eval_windows=eval_windows, eval_seqlen=eval_seqlen, device=device,
                             progress=progress)

@@ -30,33 +30,32 @@ from typing import NamedTuple
 
 import torch
 
-from minquant.packing import gptq_qparams, gptq_qparams_from_range
-from minquant.quant import QuantConfig, _grouped
+from minquant.quant import (QuantConfig, dequantize, grouped, round_to_grid, storable_qparams,
+                            storable_qparams_from_range)
 
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    bits: int = 4  # 2..8
-    group_size: int = 128  # input columns sharing a scale/zero; -1 = one per output row
-    sym: bool = False  # symmetric (zero fixed at 2**(bits-1)) or min/max with an integer zero-point
+    quant: QuantConfig = QuantConfig()  # the grid and its storage: bits, group size, symmetric, full_range
     damp: float = 0.01  # added to H's diagonal, as a fraction of its mean: keeps H invertible
     block_size: int = 128  # columns per lazy batch (a speed knob: the result does not depend on it)
     act_order: bool = False  # sweep columns by decreasing H_jj ("desc_act")
     static_groups: bool = False  # with act_order: fix every group's scale/zero from the original W first
     search_range: bool = False  # each group's range: the p * (min, max) that rounds it best, not min/max
-    full_range: bool = False  # with sym: all 2**bits levels, s = 2 max|w| / (2**bits - 1), as GPTQ's reference code
+    true_sequential: bool = True  # a block's later linears calibrated on inputs through its already-quantized ones
 
     def __post_init__(self):
-        self.quant  # validates bits and group_size
+        if not isinstance(self.quant, QuantConfig):
+            raise ValueError(f"quant must be a QuantConfig (bits, group_size, symmetric, ...), got {self.quant!r}")
+        if not self.quant.integer_zero:
+            raise ValueError("GPTQ stores integer zero-points (the GPTQ format): QuantConfig(integer_zero=False) is RTN-only")
         if not 0 < self.damp <= 1:
             raise ValueError(f"damp is a fraction of H's mean diagonal, in (0, 1]; got {self.damp!r}")
         if not (isinstance(self.block_size, int) and self.block_size >= 1):
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
-
-    @property
-    def quant(self) -> QuantConfig:
-        """The storage format: what QuantLinear, packing and checkpoints need to know."""
-        return QuantConfig(bits=self.bits, group_size=self.group_size, symmetric=self.sym, full_range=self.full_range)
+        if self.static_groups and not self.act_order:
+            raise ValueError("static_groups is a variant of act_order (without it, groups are already fixed in order); "
+                             "set act_order=True")
 
 
 class GPTQResult(NamedTuple):
@@ -69,12 +68,11 @@ class GPTQResult(NamedTuple):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (N, K) the quantized layer computes with."""
-        g = self.g_idx.long()
-        return ((self.q.float() - self.zero[:, g]) * self.scale[:, g]).to(dtype)
+        return dequantize(self.q, self.scale, self.zero, dtype=dtype, g_idx=self.g_idx)
 
 
 def search_qparams(w: torch.Tensor, cfg: QuantConfig, steps: int = 80, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gptq_qparams` of the range p * (min, max), p = 1, 0.99, ..., that minimises sum |w - w_q|^norm per group.
+    """`storable_qparams` of the range p * (min, max), p = 1, 0.99, ..., that minimises sum |w - w_q|^norm per group.
 
     A narrower range clips a few large weights but rounds all the others on a finer grid. This is
     the reference GPTQ's `--mse` option (there on by choice, too): the exponent 2.4 > 2 weighs the
@@ -82,15 +80,15 @@ def search_qparams(w: torch.Tensor, cfg: QuantConfig, steps: int = 80, norm: flo
     are tried a chunk of p's at a time, vectorised: a chunk's copies of w (~1 MB) stay in cache,
     which is faster than both one p at a time and all 80 at once.
     """
-    wg = _grouped(w, cfg)  # (N, G, g); checks shape and NaN once
+    wg = grouped(w, cfg)  # (N, G, g); checks shape and NaN once
     lo, hi = wg.amin(-1), wg.amax(-1)
     best_err = best_scale = best_zero = None
     chunk = max(1, min(steps, 2**18 // wg.numel()))
     for p0 in range(0, steps, chunk):
         p = (1 - torch.arange(p0, min(p0 + chunk, steps), dtype=torch.float64) / 100).float().to(w.device).view(-1, 1, 1)
-        scale, zero = gptq_qparams_from_range(p * lo, p * hi, replace(cfg, clip_ratio=1.0))  # (P, N, G)
+        scale, zero = storable_qparams_from_range(p * lo, p * hi, replace(cfg, clip_ratio=1.0))  # (P, N, G)
         s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        q = (torch.round(wg / s).add_(z) if cfg.integer_zero else torch.round(wg / s + z)).clamp_(cfg.minq, cfg.maxq)
+        q = round_to_grid(wg / s, z, cfg)
         err = (wg - (q - z) * s).abs_().pow_(norm).sum(-1)  # (P, N, G)
         err, i = err.min(0)  # the first (widest) p among equals, as a sweep keeping only strict improvements
         scale, zero = scale.gather(0, i[None])[0], zero.gather(0, i[None])[0]
@@ -133,7 +131,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResu
     """Quantize W (N, K) column by column, spreading each rounding error over the columns to come via H (K, K)."""
     _check(W, H)
     qc = cfg.quant
-    qparams = search_qparams if cfg.search_range else gptq_qparams
+    qparams = search_qparams if cfg.search_range else storable_qparams
     N, K = W.shape
     G = qc.groups(K)
     g = K // G
@@ -171,7 +169,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResu
                 scale[j // g], zero[j // g] = s[:, 0], z[:, 0]
             s, z = scale[group_of[j]], zero[group_of[j]]
             w = W1[i]
-            q = torch.round(w / s).add_(z).clamp_(qc.minq, qc.maxq)
+            q = round_to_grid(w / s, z, qc)
             err = (w - (q - z) * s).div_(Hinv1[i, i])
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # OBQ's update of the columns to come
             Err1[i], Qt[j] = err, q
@@ -191,26 +189,23 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResu
 
 @torch.no_grad()
 def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQConfig, *, device=None,
-                        batch_size: int = 8, true_sequential: bool = True, plan: dict | None = None,
+                        batch_size: int = 8, plan: dict | None = None,
                         progress: bool = True) -> dict:
     """GPTQ every linear of every block on calibration `windows` (n, seqlen); linears become QuantLinear.
 
-    `true_sequential=False`: every group's H from the block's float inputs, one pass per block (as
+    `cfg.true_sequential=False`: every group's H from the block's float inputs, one pass per block (as
     llm-compressor does), instead of inputs that went through the block's already-quantized linears.
-    `plan` (mixed precision): {full layer name: QuantConfig, or None to keep it float}; the bits,
-    group size and symmetry of a layer in it replace cfg's. Returns a report: total seconds,
-    per-layer loss and damping. lm_head and embeddings stay float.
+    `plan` (mixed precision): {full layer name: QuantConfig, or None to keep it float}; a layer in it
+    gets that grid instead of cfg.quant. Returns a report: total seconds, per-layer loss and
+    damping. lm_head and embeddings stay float.
     """
-    from minquant.calibrate import check_linears, quantize_blocks, quantize_whole_blocks
+    from minquant.calibrate import check_linears, quantize_blocks_sequential, quantize_blocks_one_pass
     from minquant.models import architecture
     from minquant.nn import replace_linear
 
     arch = architecture(model)
     check_linears(model, arch, cfg.quant, plan)  # every layer, before changing any
-    layer_cfgs: dict[str, GPTQConfig | None] = {
-        name: None if q is None else replace(cfg, bits=q.bits, group_size=q.group_size, sym=q.symmetric,
-                                             full_range=q.full_range and q.symmetric)
-        for name, q in (plan or {}).items()}
+    layer_cfgs = {name: None if q is None else replace(cfg, quant=q) for name, q in (plan or {}).items()}
 
     results: dict[str, GPTQResult] = {}
 
@@ -226,16 +221,16 @@ def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQ
             linear.weight.data = r.dequantize(linear.weight.dtype)  # later groups see the quantized layer
             results[name] = GPTQResult(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in r))
 
-    if true_sequential:
-        report = quantize_blocks(model, windows, quantize_group, device=device, batch_size=batch_size,
-                                 progress=progress, desc=f"GPTQ W{cfg.bits}")
+    if cfg.true_sequential:
+        report = quantize_blocks_sequential(model, windows, quantize_group, device=device, batch_size=batch_size,
+                                 progress=progress, desc=f"GPTQ W{cfg.quant.bits}")
     else:
         def quantize_block(prefix, block, stats):
             for group, st in zip(arch.groups, stats):
                 quantize_group({f"{prefix}.{name}": block.get_submodule(name) for name in group}, st.H)
 
-        report = quantize_whole_blocks(model, windows, quantize_block, device=device, batch_size=batch_size,
-                                       progress=progress, desc=f"GPTQ W{cfg.bits}")
+        report = quantize_blocks_one_pass(model, windows, quantize_block, device=device, batch_size=batch_size,
+                                       progress=progress, desc=f"GPTQ W{cfg.quant.bits}")
     for name, r in results.items():
         replace_linear(model, name, r.q, r.scale, r.zero, r.g_idx, (layer_cfgs.get(name) or cfg).quant)
     report["layers"] = {name: {"loss": r.loss, "damp": r.damp} for name, r in results.items()}

@@ -88,11 +88,12 @@ def _resolve(name_or_path: str) -> tuple[str, dict]:
 
 def cache_folder(name: str) -> Path | None:
     """Where the dequantized copy of a packaged GGUF model lives (None: not a GGUF model, or caching off)."""
-    pm = PACKAGED.get(name)
-    setting = os.environ.get("MINQUANT_CACHE", "")
-    if pm is None or pm.gguf_file is None or setting.lower() == "off":
+    from minquant.cache import cache_root
+
+    pm, root = PACKAGED.get(name), cache_root()
+    if pm is None or pm.gguf_file is None or root is None:
         return None
-    return Path(setting or Path.home() / ".cache" / "minquant").expanduser() / f"{name}-{pm.version}"
+    return root / f"{name}-{pm.version}"
 
 
 def _cached_source(name: str) -> str | None:
@@ -226,6 +227,11 @@ class Architecture:
     @property
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.groups for name in group)
+
+    def locate_blocks(self, model) -> tuple[str, torch.nn.ModuleList]:
+        """(the blocks' dotted name inside `model`, the ModuleList): full layer names are f"{prefix}.{i}.{linear}"."""
+        blocks = find_blocks(model, self)
+        return next(n for n, m in model.named_modules() if m is blocks), blocks
 
 
 LLAMA = Architecture(

@@ -12,8 +12,8 @@ from torch import nn
 from minquant import kernels
 from minquant.kernels import cpu
 from minquant.kernels.prepare import prepare
-from minquant.packing import check_packable, contiguous_g_idx, from_gptq, storable_rtn, to_gptq
-from minquant.quant import QuantConfig
+from minquant.packing import check_packable, contiguous_g_idx, from_gptq, to_gptq
+from minquant.quant import QuantConfig, dequantize, quantize_storable
 
 
 class QuantLinear(nn.Module):
@@ -34,7 +34,7 @@ class QuantLinear(nn.Module):
         """Quantize an nn.Linear's weight (min/max, round to nearest) into a QuantLinear."""
         w = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, cfg, bias=linear.bias is not None).to(w.device)
-        layer.load_packed(*storable_rtn(w, cfg))
+        layer.pack_weights(*quantize_storable(w, cfg))
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
         return layer
@@ -46,12 +46,12 @@ class QuantLinear(nn.Module):
         """A QuantLinear holding integers q (N, K) and their scale/zero (N, G) from any method (GPTQ, AWQ)."""
         N, K = q.shape
         layer = cls(K, N, cfg, bias=bias is not None).to(q.device)
-        layer.load_packed(q, scale, zero, g_idx)
+        layer.pack_weights(q, scale, zero, g_idx)
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
 
-    def load_packed(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+    def pack_weights(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     g_idx: torch.Tensor | None = None) -> None:
         """Store minquant's (q (N, K), scale, zero (N, G), optional g_idx (K,)) in the GPTQ buffers."""
         for name, t in to_gptq(q, scale, zero, self.cfg, g_idx).items():
@@ -65,8 +65,7 @@ class QuantLinear(nn.Module):
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (N, K) this layer computes with (all at once: for inspection, not forward)."""
         q, scale, zero, g_idx = from_gptq(self.state_dict(), self.cfg.bits)
-        g = g_idx.long()
-        return ((q.float() - zero[:, g]) * scale[:, g]).to(dtype)
+        return dequantize(q, scale, zero, dtype=dtype, g_idx=g_idx)
 
     def contiguous_group_size(self) -> int | None:
         """cfg.group_size when g_idx is the plain k // group_size (no act-order), else None.

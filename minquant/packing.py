@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from minquant.quant import QuantConfig, _grouped, qparams_from_range, quantize
+from minquant.quant import QuantConfig
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -116,7 +116,7 @@ def check_storable(linear: torch.nn.Linear, cfg: QuantConfig) -> None:
     if bad.any():
         r, c = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"weight has {int(bad.sum())} NaN/Inf values (first at row {r}, column {c}); nothing was quantized")
-    # The largest scale any group can get: absmax over the smallest step count gptq_qparams divides by.
+    # The largest scale any group can get: absmax over the smallest step count storable_qparams divides by.
     steps = (2 ** (cfg.bits - 1) - (0.5 if cfg.full_range else 1)) if cfg.symmetric else min(cfg.maxq / 2, cfg.maxq - 1)
     absmax = float(w.abs().max()) if w.numel() else 0.0
     if absmax / steps > FP16_MAX:
@@ -147,7 +147,7 @@ def to_gptq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: Quant
         raise ValueError("the GPTQ format stores integer zero-points; quantize with integer_zero=True")
     if (zero < 1).any():
         raise ValueError("the GPTQ v1 format stores zero - 1, so a zero-point of 0 cannot be stored; "
-                         "use gptq_qparams(), which widens such groups by one step")
+                         "use minquant.quant.storable_qparams(), which widens such groups by one step")
     G = cfg.groups(K)
     if g_idx is None:
         g_idx = contiguous_g_idx(K, G, q.device)
@@ -159,34 +159,6 @@ def to_gptq(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: Quant
         "scales": scale.t().to(torch.float16).contiguous(),                          # [G, N]
         "g_idx": g_idx.to(torch.int32),                                              # [K]
     }
-
-
-def gptq_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """`choose_qparams`, made storable in GPTQ v1 (zero-point >= 1) and in fp16 scales.
-
-    A group with no negative weight gets zero-point 0, which v1 cannot store (it writes zero - 1;
-    readers add 1 back without wrapping). Such groups take zero-point 1 and a scale stretched so
-    that their maximum still fits: s = max / (maxq - 1). Scales are rounded to fp16 first, since
-    that is what the checkpoint holds.
-    """
-    wg = _grouped(w, cfg)
-    return gptq_qparams_from_range(wg.amin(-1) * cfg.clip_ratio, wg.amax(-1) * cfg.clip_ratio, cfg)
-
-
-def storable_rtn(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest with `gptq_qparams`: (q, scale, zero) exactly as a GPTQ v1 checkpoint stores w."""
-    scale, zero = gptq_qparams(w, cfg)
-    return quantize(w, scale, zero, cfg), scale, zero
-
-
-def gptq_qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gptq_qparams` of groups whose (already clipped) range is [lo, hi]: any shape, broadcast."""
-    scale, zero = qparams_from_range(lo, hi, cfg)
-    if cfg.integer_zero and not cfg.symmetric:
-        at_zero = zero < 1
-        scale = torch.where(at_zero, hi.clamp(min=1e-8) / (cfg.maxq - 1), scale)
-        zero = torch.where(at_zero, torch.ones_like(zero), zero)
-    return scale.to(torch.float16).float(), zero
 
 
 def from_gptq(tensors: dict[str, torch.Tensor], bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

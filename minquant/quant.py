@@ -80,7 +80,7 @@ def groups_per_row(K: int, group_size: int) -> int:
     return K // g
 
 
-def _grouped(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+def grouped(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     """(N, K) -> (N, G, g) float32 view by groups, after checking the weight is usable."""
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(w.shape)}")
@@ -97,7 +97,7 @@ def _grouped(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
 
 def choose_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero-point, float32 of shape (N, K // group_size), from each group's min and max."""
-    wg = _grouped(w, cfg)
+    wg = grouped(w, cfg)
     return qparams_from_range(wg.amin(dim=-1) * cfg.clip_ratio, wg.amax(dim=-1) * cfg.clip_ratio, cfg)
 
 
@@ -116,22 +116,72 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, cfg: QuantConfig) -> 
     return scale, (zero.round() if cfg.integer_zero else zero)
 
 
+def storable_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`choose_qparams`, made storable in the GPTQ v1 checkpoint format (zero-point >= 1) and in fp16 scales.
+
+    RTN, GPTQ, AWQ and QuantLinear all quantize with these (the plain `choose_qparams` is the
+    textbook version of notebook 03, which a v1 checkpoint cannot always hold).
+
+    A group with no negative weight gets zero-point 0, which v1 cannot store (it writes zero - 1;
+    readers add 1 back without wrapping). Such groups take zero-point 1 and a scale stretched so
+    that their maximum still fits: s = max / (maxq - 1). Scales are rounded to fp16 first, since
+    that is what the checkpoint holds.
+    """
+    wg = grouped(w, cfg)
+    return storable_qparams_from_range(wg.amin(-1) * cfg.clip_ratio, wg.amax(-1) * cfg.clip_ratio, cfg)
+
+
+def quantize_storable(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest with `storable_qparams`: (q, scale, zero) exactly as a GPTQ v1 checkpoint stores w."""
+    scale, zero = storable_qparams(w, cfg)
+    return quantize(w, scale, zero, cfg), scale, zero
+
+
+def storable_qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`storable_qparams` of groups whose (already clipped) range is [lo, hi]: any shape, broadcast."""
+    scale, zero = qparams_from_range(lo, hi, cfg)
+    if cfg.integer_zero and not cfg.symmetric:
+        at_zero = zero < 1
+        scale = torch.where(at_zero, hi.clamp(min=1e-8) / (cfg.maxq - 1), scale)
+        zero = torch.where(at_zero, torch.ones_like(zero), zero)
+    return scale.to(torch.float16).float(), zero
+
+
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     """Integers q = clamp(round(w / s) + z, minq, maxq) as uint8, shape (N, K).
 
     A float zero-point is added before rounding instead: round(w / s + z).
     """
-    x = _grouped(w, cfg) / scale.unsqueeze(-1)
-    z = zero.unsqueeze(-1)
-    q = (torch.round(x) + z if cfg.integer_zero else torch.round(x + z)).clamp(cfg.minq, cfg.maxq)
+    q = round_to_grid(grouped(w, cfg) / scale.unsqueeze(-1), zero.unsqueeze(-1), cfg)
     return q.reshape(w.shape).to(torch.uint8)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """w ~ (q - z) * s, shape (N, K), in `dtype`."""
+def round_to_grid(x: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """The integers (as floats) clamp(round(x) + z, minq, maxq) of x = w / s, any shapes that broadcast.
+
+    Every quantizer rounds through here (RTN, GPTQ's column sweep and range search, AWQ), so they
+    all land on the same grid. A float zero-point is added before rounding: round(x + z).
+    """
+    q = torch.round(x).add_(zero) if cfg.integer_zero else torch.round(x + zero)
+    return q.clamp_(cfg.minq, cfg.maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig | None = None,
+               dtype: torch.dtype = torch.float32, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """w ~ (q - z) * s, shape (N, K), in `dtype`; scale and zero (N, G).
+
+    Column k is in group k // (K / G), or in group g_idx[k] when given (GPTQ's act-order).
+    `cfg`, if given, checks that its group size is the one the shapes say.
+    """
     N, K = q.shape
-    qg = q.float().reshape(N, cfg.groups(K), -1)
+    G = scale.shape[1] if cfg is None else cfg.groups(K)
+    if scale.shape != (N, G) or zero.shape != (N, G):
+        raise ValueError(f"scale and zero must be (N, G) = ({N}, {G}) for q {tuple(q.shape)}, got "
+                         f"{tuple(scale.shape)} and {tuple(zero.shape)}")
+    if g_idx is not None:
+        g = g_idx.long()
+        return ((q.float() - zero[:, g]) * scale[:, g]).to(dtype)
+    qg = q.float().reshape(N, G, K // G)
     return ((qg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(N, K).to(dtype)
 
 

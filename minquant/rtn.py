@@ -3,8 +3,8 @@
 Derived in notebooks/04_granularity_and_outliers.ipynb. RTN is the baseline that GPTQ and AWQ
 improve on: each weight matrix is quantized on its own, with no data.
 
-`rtn_quantize_model` is *fake* quantization: each nn.Linear keeps a float weight, replaced by its
-quantize-dequantize round trip, which is what a packed model computes. `quantize_model` stores
+`fake_quantize_model` is *fake* quantization: each nn.Linear keeps a float weight, replaced by its
+quantize-dequantize round trip, which is what a packed model computes. `quantize_to_quantlinear` stores
 the weights for real: each nn.Linear becomes a QuantLinear in the GPTQ layout (notebook 05).
 """
 from __future__ import annotations
@@ -39,14 +39,14 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) 
 
 
 @torch.no_grad()
-def rtn_quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] = DEFAULT_SKIP,
+def fake_quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] = DEFAULT_SKIP,
                        progress: bool = False) -> list[LayerReport]:
     """Fake-quantize every linear weight in place with `cfg`; return each layer's error."""
     return _quantize_linears(model, cfg, skip, progress, pack=False)
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] = DEFAULT_SKIP,
+def quantize_to_quantlinear(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] = DEFAULT_SKIP,
                    progress: bool = False) -> list[LayerReport]:
     """RTN with real storage: replace every linear by a QuantLinear (GPTQ layout); return each layer's error."""
     return _quantize_linears(model, cfg, skip, progress, pack=True)

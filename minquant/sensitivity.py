@@ -54,11 +54,10 @@ class LayerStats(NamedTuple):
 
 def layer_groups(model: nn.Module) -> list[list[str]]:
     """The full names of the linears minquant quantizes, per block and per group of linears sharing an input."""
-    from minquant.models import architecture, find_blocks
+    from minquant.models import architecture
 
     arch = architecture(model)
-    blocks = find_blocks(model, arch)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    prefix, blocks = arch.locate_blocks(model)
     return [[f"{prefix}.{i}.{name}" for name in group] for i in range(len(blocks)) for group in arch.groups]
 
 
@@ -75,11 +74,10 @@ def collect_layer_stats(model: nn.Module, windows: torch.Tensor, *, batch_size: 
     Only activations get gradients: no weight gradient is computed or stored.
     """
     from minquant.calibrate import batched
-    from minquant.models import architecture, find_blocks
+    from minquant.models import architecture
 
     arch = architecture(model)
-    blocks = find_blocks(model, arch)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    prefix, blocks = arch.locate_blocks(model)
     device = next(model.parameters()).device
     xxt: dict[str, torch.Tensor] = {}  # per group (keyed by its first linear): sum of x x^T
     g2: dict[str, torch.Tensor] = {}
@@ -146,15 +144,13 @@ def quantized_weight(W: torch.Tensor, cfg: QuantConfig | None, stats: LayerStats
     if cfg is None:
         return W
     if method == "rtn":
-        from minquant.packing import storable_rtn
-        from minquant.quant import dequantize
+        from minquant.quant import dequantize, quantize_storable
 
-        return dequantize(*storable_rtn(W, cfg), cfg, W.dtype)  # what QuantLinear.from_linear stores
+        return dequantize(*quantize_storable(W, cfg), cfg, W.dtype)  # what QuantLinear.from_linear stores
     if method == "gptq":
         from minquant.gptq import GPTQConfig, gptq_quantize
 
-        gcfg = GPTQConfig(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.symmetric, full_range=cfg.full_range)
-        return gptq_quantize(W, 2 * stats.A, gcfg).dequantize(W.dtype)
+        return gptq_quantize(W, 2 * stats.A, GPTQConfig(cfg)).dequantize(W.dtype)
     raise ValueError(f"unknown method {method!r}; choose 'rtn' or 'gptq'")
 
 
@@ -186,14 +182,13 @@ def measured_sensitivity(model: nn.Module, windows: torch.Tensor, cfg: QuantConf
 
     Each layer's run starts from its block: the blocks before it replay their recorded float outputs.
     """
-    from minquant.calibrate import _Replay, batched
-    from minquant.models import architecture, find_blocks
+    from minquant.calibrate import Replay, batched
+    from minquant.models import architecture
 
-    blocks = find_blocks(model, architecture(model))
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    prefix, blocks = architecture(model).locate_blocks(model)
     names = names or layer_names(model)
     batches = [b.to(next(model.parameters()).device) for b in batched(windows, batch_size)]
-    replays = [_Replay(block) for block in blocks]  # the float run records every block's outputs
+    replays = [Replay(block) for block in blocks]  # the float run records every block's outputs
 
     def mean_nll() -> float:
         total = count = 0.0

@@ -64,7 +64,6 @@ def test_rtn_through_the_same_front_door(tiny_llama):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="awq2"), "unknown method 'awq2'; minquant has: rtn, gptq, awq"),
     (dict(method="awq", act_order=True, calib=ids()), "act_order=True: not option\\(s\\) of method='awq'"),
-    (dict(method="awq", sym=True, full_range=True, calib=ids()), "full_range=True: not option"),
     (dict(method="rtn", clip=False), "clip=False: not option"),
     (dict(method="awq", calib=torch.zeros(0, 16, dtype=torch.long)), "non-empty"),
     (dict(method="awq", bits=9), "bits must be"),
@@ -220,3 +219,20 @@ def test_front_door_on_a_gpu(tmp_path):
         assert minquant.evaluate(on_gpu, text, seqlen=128, progress=False).ppl == pytest.approx(cpu_ppl, rel=1e-2)
         with torch.no_grad():
             assert on_gpu.generate(text[:, :8].cuda(), max_new_tokens=4, do_sample=False).shape == (1, 12)
+
+
+def test_each_method_is_configured_by_its_own_config():
+    from minquant.api import method_config
+    from minquant.awq import AWQConfig
+    from minquant.gptq import GPTQConfig
+    from minquant.quant import QuantConfig
+
+    grid = QuantConfig(3, 64, symmetric=True, full_range=True)
+    assert method_config("rtn", bits=3, group_size=64, sym=True, full_range=True) == grid
+    assert method_config("gptq", bits=3, group_size=64, sym=True, full_range=True, act_order=True) == \
+        GPTQConfig(grid, act_order=True)
+    assert method_config("awq", bits=3, group_size=64, sym=True, full_range=True, clip=False) == AWQConfig(grid, clip=False)
+    with pytest.raises(ValueError, match=r"damp=0.1: not option\(s\) of method='awq' \(its options: clip, clip_grid"):
+        method_config("awq", damp=0.1)
+    with pytest.raises(ValueError, match="static_groups is a variant of act_order"):
+        method_config("gptq", static_groups=True)

@@ -52,13 +52,13 @@ def test_output_error_is_the_summed_squared_output_error():
 
 
 def test_quantize_shrunk_with_no_shrink_is_rtn():
-    from minquant.packing import gptq_qparams
+    from minquant.quant import storable_qparams
     from minquant.quant import quantize
 
     W = torch.randn(32, 64)
     cfg = QuantConfig(4, 16)
     q, scale, zero, _ = quantize_shrunk(W, cfg)
-    s_ref, z_ref = gptq_qparams(W, cfg)
+    s_ref, z_ref = storable_qparams(W, cfg)
     assert torch.equal(scale, s_ref) and torch.equal(zero, z_ref) and torch.equal(q, quantize(W, s_ref, z_ref, cfg))
 
 
@@ -66,7 +66,7 @@ def test_scale_search_is_the_argmin_over_alpha_and_beats_rtn():
     X = correlated_inputs()
     g = torch.Generator().manual_seed(2)
     weights = [torch.randn(48, 64, generator=g), torch.randn(32, 64, generator=g)]
-    cfg = AWQConfig(3, 16)
+    cfg = AWQConfig(QuantConfig(3, 16))
     s, alpha, errors = search_scale(weights, stats_of(X), cfg)
     W = torch.cat(weights)
 
@@ -85,7 +85,7 @@ def test_clip_search_picks_each_groups_best_shrink():
     X = correlated_inputs(seed=3)
     W = torch.randn(24, 64, generator=torch.Generator().manual_seed(4))
     W[0, 5] = 8.0  # an outlier weight: its group is better clipped
-    cfg = AWQConfig(3, 16)
+    cfg = AWQConfig(QuantConfig(3, 16))
     shrink = search_clip(W, stats_of(X).H, cfg)
     assert shrink.shape == (24, 4) and set(shrink.unique().tolist()) <= {float(torch.tensor(r)) for r in cfg.shrinks}
 
@@ -104,6 +104,7 @@ def test_folding_scales_preserves_the_function(llama_mha):
     from minquant.models import LLAMA
 
     ids = windows(4, 16)
+    weights = copy.deepcopy(llama_mha.state_dict())
     with torch.no_grad():
         before = llama_mha(ids).logits
         g = torch.Generator().manual_seed(5)
@@ -113,7 +114,12 @@ def test_folding_scales_preserves_the_function(llama_mha):
                 fold_scale(block.get_submodule(prev), linears, torch.rand(linears[0].in_features, generator=g) * 4 + 0.1)
         after = llama_mha(ids).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(llama_mha.model.layers[0].input_layernorm.weight, copy.deepcopy(after)[0, 0, :64])
+    # Same outputs alone would pass a fold that did nothing: the scales must have moved exactly the weights of
+    # every norm and linear in a mapping (both sides of each fold), and nothing else.
+    folded = {f"model.layers.{i}.{name}.weight" for i in range(len(llama_mha.model.layers))
+              for group, prev in zip(LLAMA.groups, LLAMA.awq_prev) for name in (prev, *group)}
+    changed = {k for k, w in llama_mha.state_dict().items() if not torch.equal(w, weights[k])}
+    assert changed == folded
 
 
 def _tiny(family):
@@ -156,12 +162,12 @@ def test_folding_is_exact_for_every_mapping_of_other_families(family):
 
 def test_awq_on_opt_and_post_norm_opt_refused():
     model = _tiny("opt")
-    search, _ = awq_quantize_model(model, windows(), AWQConfig(4, 32, n_grid=4), progress=False)
+    search, _ = awq_quantize_model(model, windows(), AWQConfig(QuantConfig(4, 32), n_grid=4), progress=False)
     assert len(search.mappings) == 8 and sum(isinstance(m, QuantLinear) for m in model.modules()) == 12
     post = _tiny("opt")
     post.config.do_layer_norm_before = False
     with pytest.raises(ValueError, match="do_layer_norm_before=False"):
-        awq_quantize_model(post, windows(), AWQConfig(4, 32), progress=False)
+        awq_quantize_model(post, windows(), AWQConfig(QuantConfig(4, 32)), progress=False)
 
 
 def test_alpha_zero_without_clipping_is_exactly_rtn(llama_mha):
@@ -169,7 +175,7 @@ def test_alpha_zero_without_clipping_is_exactly_rtn(llama_mha):
 
     rtn = minquant.quantize(copy.deepcopy(llama_mha), "rtn", bits=4, group_size=32, progress=False)
     awq = copy.deepcopy(llama_mha)
-    search, _ = awq_quantize_model(awq, windows(), AWQConfig(4, 32, n_grid=1, clip=False), progress=False)
+    search, _ = awq_quantize_model(awq, windows(), AWQConfig(QuantConfig(4, 32), n_grid=1, clip=False), progress=False)
     assert set(search.alphas.values()) == {0.0} and not search.clips
     ours = {n: m for n, m in awq.named_modules() if isinstance(m, QuantLinear)}
     theirs = {n: m for n, m in rtn.named_modules() if isinstance(m, QuantLinear)}
@@ -183,7 +189,7 @@ def test_alpha_zero_without_clipping_is_exactly_rtn(llama_mha):
 
 def test_saved_search_reapplied_gives_identical_weights(llama_mha, tmp_path):
     fresh = copy.deepcopy(llama_mha)
-    search, report = awq_quantize_model(llama_mha, windows(), AWQConfig(3, 32), progress=False)
+    search, report = awq_quantize_model(llama_mha, windows(), AWQConfig(QuantConfig(3, 32)), progress=False)
     assert len(search.mappings) == 8 and len(search.clips) == 10  # 4 mappings, 5 clipped linears (not q, k) x 2 blocks
     assert search.clips["model.layers.0.mlp.down_proj"].min() < 1  # clipping happened somewhere
     assert any(a > 0 for a in search.alphas.values())
@@ -208,37 +214,37 @@ def test_awq_beats_rtn_on_a_model(llama_mha):
         ref = llama_mha(ids).logits
         rtn = minquant.quantize(copy.deepcopy(llama_mha), "rtn", bits=3, group_size=32, progress=False)
         awq = copy.deepcopy(llama_mha)
-        awq_quantize_model(awq, windows(), AWQConfig(3, 32), progress=False)
+        awq_quantize_model(awq, windows(), AWQConfig(QuantConfig(3, 32)), progress=False)
         err = lambda m: float((m(ids).logits - ref).pow(2).mean())
         assert err(awq) < err(rtn)
 
 
 def test_grouped_query_attention_skips_v_to_o(tiny_llama):
-    search, _ = awq_quantize_model(tiny_llama, windows(), AWQConfig(4, 32, n_grid=3), progress=False)
+    search, _ = awq_quantize_model(tiny_llama, windows(), AWQConfig(QuantConfig(4, 32), n_grid=3), progress=False)
     assert [p.rsplit(".", 1)[-1] for p, _ in search.mappings] == ["input_layernorm", "post_attention_layernorm", "up_proj"] * 2
 
 
-def test_bad_input(tiny_llama, monkeypatch):
+def test_bad_input(tiny_llama, monkeypatch, tmp_path):
     from minquant import models
 
     with pytest.raises(ValueError, match="bits"):
-        AWQConfig(bits=9)
+        AWQConfig(QuantConfig(9))
     with pytest.raises(ValueError, match="n_grid"):
         AWQConfig(n_grid=0)
     with pytest.raises(ValueError, match="calibration data"):
-        awq_quantize_model(copy.deepcopy(tiny_llama), torch.zeros(0, 8, dtype=torch.long), AWQConfig(4, 32), progress=False)
+        awq_quantize_model(copy.deepcopy(tiny_llama), torch.zeros(0, 8, dtype=torch.long), AWQConfig(QuantConfig(4, 32)), progress=False)
     with pytest.raises(ValueError, match="group_size 48"):
-        awq_quantize_model(copy.deepcopy(tiny_llama), windows(), AWQConfig(4, 48), progress=False)
+        awq_quantize_model(copy.deepcopy(tiny_llama), windows(), AWQConfig(QuantConfig(4, 48)), progress=False)
     nan = copy.deepcopy(tiny_llama)
     with torch.no_grad():
         nan.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="block 1 mlp.up_proj: weight has 1 NaN"):
-        awq_quantize_model(nan, windows(), AWQConfig(4, 32), progress=False)
+        awq_quantize_model(nan, windows(), AWQConfig(QuantConfig(4, 32)), progress=False)
     monkeypatch.setitem(models.ARCHITECTURES, "llama", replace(models.LLAMA, awq_prev=None))
     with pytest.raises(ValueError, match="no AWQ mapping.*opt.*awq_prev"):
-        awq_quantize_model(tiny_llama, windows(), AWQConfig(4, 32), progress=False)
+        awq_quantize_model(tiny_llama, windows(), AWQConfig(QuantConfig(4, 32)), progress=False)
     with pytest.raises(ValueError, match="not an AWQ search"):
         from safetensors.torch import save_file
 
-        save_file({"x": torch.zeros(1)}, "/tmp/minquant-not-awq.safetensors")
-        AWQSearch.load("/tmp/minquant-not-awq.safetensors")
+        save_file({"x": torch.zeros(1)}, tmp_path / "not-awq.safetensors")
+        AWQSearch.load(tmp_path / "not-awq.safetensors")

@@ -10,7 +10,7 @@ from minquant.checkpoint import load_quantized, save_quantized
 from minquant.memory import weight_bytes
 from minquant.nn import QuantLinear
 from minquant.quant import QuantConfig
-from minquant.rtn import quantize_model
+from minquant.rtn import quantize_to_quantlinear
 
 
 def quantized_tiny(cfg=QuantConfig(4, 32), tie=True):
@@ -18,7 +18,7 @@ def quantized_tiny(cfg=QuantConfig(4, 32), tie=True):
     config = T.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
     model = T.LlamaForCausalLM(config).eval()
-    quantize_model(model, cfg)
+    quantize_to_quantlinear(model, cfg)
     for p in model.parameters():  # the checkpoint stores the float rest in fp16
         p.data = p.data.half()
     return model
@@ -97,7 +97,7 @@ def test_smollm2_int4_g64_on_disk_matches_the_byte_accounting(smollm2, tmp_path)
     import copy
 
     model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
-    quantize_model(model, QuantConfig(4, 64))
+    quantize_to_quantlinear(model, QuantConfig(4, 64))
     save_quantized(model, tokenizer, tmp_path)
     on_disk = (tmp_path / "model.safetensors").stat().st_size
     analytic = weight_bytes(model.config, "int4", 64, linears_only=True).total

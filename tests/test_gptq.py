@@ -8,13 +8,12 @@ import torch
 
 from minquant.gptq import GPTQConfig, gptq_quantize, gptq_quantize_model, hessian_inverse_cholesky, search_qparams
 from minquant.nn import QuantLinear
-from minquant.packing import gptq_qparams
-from minquant.quant import QuantConfig, quantize
+from minquant.quant import QuantConfig, quantize, storable_qparams
 
-CONFIGS = [GPTQConfig(4, 32), GPTQConfig(4, -1, sym=True), GPTQConfig(3, 32, act_order=True),
-           GPTQConfig(4, 32, sym=True, act_order=True, static_groups=True), GPTQConfig(2, 64), GPTQConfig(8, 16, sym=True),
-           GPTQConfig(4, 32, search_range=True), GPTQConfig(3, -1, sym=True, act_order=True, search_range=True),
-           GPTQConfig(4, 32, sym=True, full_range=True)]
+CONFIGS = [GPTQConfig(QuantConfig(4, 32)), GPTQConfig(QuantConfig(4, -1, symmetric=True)), GPTQConfig(QuantConfig(3, 32), act_order=True),
+           GPTQConfig(QuantConfig(4, 32, symmetric=True), act_order=True, static_groups=True), GPTQConfig(QuantConfig(2, 64)), GPTQConfig(QuantConfig(8, 16, symmetric=True)),
+           GPTQConfig(QuantConfig(4, 32), search_range=True), GPTQConfig(QuantConfig(3, -1, symmetric=True), act_order=True, search_range=True),
+           GPTQConfig(QuantConfig(4, 32, symmetric=True, full_range=True))]
 
 
 def correlated(n=2048, K=128, seed=0):
@@ -26,7 +25,7 @@ def correlated(n=2048, K=128, seed=0):
 
 
 def rtn(W, cfg: GPTQConfig):
-    s, z = (search_qparams if cfg.search_range else gptq_qparams)(W, cfg.quant)
+    s, z = (search_qparams if cfg.search_range else storable_qparams)(W, cfg.quant)
     return quantize(W, s, z, cfg.quant), s, z
 
 
@@ -40,7 +39,7 @@ def test_identity_hessian_is_exactly_rtn(cfg):
     r = gptq_quantize(W, torch.eye(128), cfg)
     q, s, z = rtn(W, cfg)
     assert torch.equal(r.q, q) and torch.equal(r.scale, s) and torch.equal(r.zero, z)
-    assert torch.equal(r.g_idx.long(), torch.arange(128) // (cfg.group_size if cfg.group_size > 0 else 128))
+    assert torch.equal(r.g_idx.long(), torch.arange(128) // (cfg.quant.group_size if cfg.quant.group_size > 0 else 128))
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
@@ -74,12 +73,12 @@ def test_search_range_picks_the_best_narrowed_range(qc, rows):
         d = (W.double() - dequantize(quantize(W, scale, zero, qc), scale, zero, qc).double()).abs() ** 2.4
         return d.reshape(*scale.shape, -1).sum(-1)
 
-    per_p = torch.stack([error(*gptq_qparams(W, QuantConfig(qc.bits, qc.group_size, qc.symmetric, clip_ratio=1 - i / 100)))
+    per_p = torch.stack([error(*storable_qparams(W, QuantConfig(qc.bits, qc.group_size, qc.symmetric, clip_ratio=1 - i / 100)))
                          for i in range(80)])
     chosen = error(s, z)
     assert (chosen <= per_p[0] * (1 + 1e-9)).all()  # min/max is p = 1
     torch.testing.assert_close(chosen, per_p.min(0).values, rtol=1e-6, atol=0)
-    assert s[0, 0] < gptq_qparams(W, qc)[0][0, 0]
+    assert s[0, 0] < storable_qparams(W, qc)[0][0, 0]
     assert (chosen < per_p[0] * 0.999).float().mean() > 0.3  # it matters for many groups, not only the outlier's
 
 
@@ -89,12 +88,12 @@ def obq_reference(W, H, cfg: GPTQConfig):
     W, H = W.double().clone(), H.double().clone()
     K = W.shape[1]
     H += cfg.damp * H.diagonal().mean() * torch.eye(K, dtype=torch.float64)
-    g = K if cfg.group_size == -1 else cfg.group_size
-    one = QuantConfig(cfg.bits, -1, cfg.sym)
+    g = K if cfg.quant.group_size == -1 else cfg.quant.group_size
+    one = QuantConfig(cfg.quant.bits, -1, cfg.quant.symmetric)
     Q = torch.zeros_like(W)
     for j in range(K):
         if j % g == 0:
-            s, z = (t[:, 0].double() for t in gptq_qparams(W[:, j:j + g].float(), one))
+            s, z = (t[:, 0].double() for t in storable_qparams(W[:, j:j + g].float(), one))
         Hinv = torch.linalg.inv(H[j:, j:])
         q = (torch.round(W[:, j] / s) + z).clamp(one.minq, one.maxq)
         Q[:, j] = (q - z) * s
@@ -103,9 +102,9 @@ def obq_reference(W, H, cfg: GPTQConfig):
     return Q
 
 
-@pytest.mark.parametrize("cfg", [GPTQConfig(4, 32), GPTQConfig(3, -1, sym=True), GPTQConfig(4, 64, block_size=16)], ids=str)
+@pytest.mark.parametrize("cfg", [GPTQConfig(QuantConfig(4, 32)), GPTQConfig(QuantConfig(3, -1, symmetric=True)), GPTQConfig(QuantConfig(4, 64), block_size=16)], ids=str)
 def test_matches_float64_obq_reference(cfg):
-    X, H = correlated(K=96 if cfg.group_size != 64 else 128)
+    X, H = correlated(K=96 if cfg.quant.group_size != 64 else 128)
     W = torch.randn(32, H.shape[0], generator=torch.Generator().manual_seed(3))
     ours = gptq_quantize(W, H, cfg).dequantize().double()
     ref = obq_reference(W, H, cfg)
@@ -117,15 +116,15 @@ def test_matches_float64_obq_reference(cfg):
 def test_block_size_does_not_change_the_result():
     X, H = correlated()
     W = torch.randn(32, 128, generator=torch.Generator().manual_seed(4))
-    a = gptq_quantize(W, H, GPTQConfig(4, 32, block_size=128))
-    b = gptq_quantize(W, H, GPTQConfig(4, 32, block_size=32))
+    a = gptq_quantize(W, H, GPTQConfig(QuantConfig(4, 32), block_size=128))
+    b = gptq_quantize(W, H, GPTQConfig(QuantConfig(4, 32), block_size=32))
     assert (a.q != b.q).float().mean() < 0.01
 
 
 def test_act_order_g_idx_is_honoured_by_packing_and_the_reference_kernel():
     X, H = correlated()
     W = torch.randn(40, 128, generator=torch.Generator().manual_seed(5))
-    r = gptq_quantize(W, H, GPTQConfig(4, 32, act_order=True))
+    r = gptq_quantize(W, H, GPTQConfig(QuantConfig(4, 32), act_order=True))
     assert not torch.equal(r.g_idx.long(), torch.arange(128) // 32)  # the groups really are permuted
     assert torch.bincount(r.g_idx.long()).tolist() == [32] * 4  # still group_size columns per group
     # columns swept first (largest H_jj) are in group 0
@@ -144,8 +143,8 @@ def test_act_order_helps_when_the_big_inputs_come_last(group_size):
     X[:, [120, 121, 122, 127]] *= 30  # a few very large input features, as in LLM activations
     H = 2 * X.T @ X / X.shape[0]
     W = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
-    plain = output_error(X, W, gptq_quantize(W, H, GPTQConfig(3, group_size)).dequantize())
-    ordered = output_error(X, W, gptq_quantize(W, H, GPTQConfig(3, group_size, act_order=True)).dequantize())
+    plain = output_error(X, W, gptq_quantize(W, H, GPTQConfig(QuantConfig(3, group_size))).dequantize())
+    ordered = output_error(X, W, gptq_quantize(W, H, GPTQConfig(QuantConfig(3, group_size), act_order=True)).dequantize())
     assert ordered < 0.7 * plain
 
 
@@ -154,7 +153,7 @@ def test_dead_inputs_are_handled():
     X[:, [3, 17]] = 0  # two inputs that never fire: H has zero rows and columns
     H = 2 * X.T @ X / X.shape[0]
     W = torch.randn(16, 64)
-    r = gptq_quantize(W, H, GPTQConfig(4, 32))
+    r = gptq_quantize(W, H, GPTQConfig(QuantConfig(4, 32)))
     assert torch.isfinite(r.dequantize()).all()
     assert (r.dequantize()[:, [3, 17]] == 0).all()  # zeroed: their weights never matter
     assert output_error(X, W, r.dequantize()) < output_error(X, W, torch.zeros_like(W))
@@ -165,16 +164,17 @@ def test_not_positive_definite_hessian_gets_more_damping_with_a_warning():
     lam_min = torch.linalg.eigvalsh(H)[0]
     H = H - (lam_min + 0.05 * H.diagonal().mean()) * torch.eye(64)  # smallest eigenvalue -5% of the mean diagonal
     with pytest.warns(UserWarning, match="damping raised to 0.1"):
-        r = gptq_quantize(torch.randn(8, 64), H, GPTQConfig(4, 32))
+        r = gptq_quantize(torch.randn(8, 64), H, GPTQConfig(QuantConfig(4, 32)))
     assert r.damp == pytest.approx(0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a healthy H: no warning, damping as asked
-        assert gptq_quantize(torch.randn(8, 64), correlated(K=64)[1], GPTQConfig(4, 32)).damp == 0.01
+        assert gptq_quantize(torch.randn(8, 64), correlated(K=64)[1], GPTQConfig(QuantConfig(4, 32))).damp == 0.01
     with pytest.raises(ValueError, match="not positive definite"):
         hessian_inverse_cholesky(-torch.eye(8), 0.01)
 
 
-@pytest.mark.parametrize("bad", [dict(bits=9), dict(bits=1), dict(damp=0), dict(block_size=0), dict(group_size=0)])
+@pytest.mark.parametrize("bad", [dict(damp=0), dict(block_size=0), dict(quant=QuantConfig(4, 32, integer_zero=False)),
+                                 dict(quant=(4, 32)), dict(static_groups=True)])
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         GPTQConfig(**bad)
@@ -182,11 +182,11 @@ def test_bad_config(bad):
 
 def test_bad_tensors():
     with pytest.raises(ValueError, match="W \\(N, K\\) and H \\(K, K\\)"):
-        gptq_quantize(torch.randn(4, 32), torch.eye(16), GPTQConfig(4, 32))
+        gptq_quantize(torch.randn(4, 32), torch.eye(16), GPTQConfig(QuantConfig(4, 32)))
     with pytest.raises(ValueError, match="NaN"):
-        gptq_quantize(torch.full((4, 32), float("nan")), torch.eye(32), GPTQConfig(4, 32))
+        gptq_quantize(torch.full((4, 32), float("nan")), torch.eye(32), GPTQConfig(QuantConfig(4, 32)))
     with pytest.raises(ValueError, match="group_size 48 does not divide"):
-        gptq_quantize(torch.randn(4, 64), torch.eye(64), GPTQConfig(4, 48))
+        gptq_quantize(torch.randn(4, 64), torch.eye(64), GPTQConfig(QuantConfig(4, 48)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def hessians_of(model, ids, names):
 def test_driver_is_true_sequential(tiny_llama, replay):
     """Every group's H must come from inputs that already went through every quantized linear
     before it. Those inputs never change afterwards, so the finished model must reproduce them."""
-    from minquant.calibrate import quantize_blocks
+    from minquant.calibrate import quantize_blocks_sequential
 
     ids = windows()
     seen = {}
@@ -226,9 +226,9 @@ def test_driver_is_true_sequential(tiny_llama, replay):
     def quantize_group(linears, H):
         for name, linear in linears.items():
             seen[name] = H.double().clone()
-            linear.weight.data = gptq_quantize(linear.weight, H, GPTQConfig(3, 32)).dequantize()
+            linear.weight.data = gptq_quantize(linear.weight, H, GPTQConfig(QuantConfig(3, 32))).dequantize()
 
-    quantize_blocks(tiny_llama, ids, quantize_group, batch_size=5, replay=replay, progress=False)
+    quantize_blocks_sequential(tiny_llama, ids, quantize_group, batch_size=5, replay=replay, progress=False)
     assert len(seen) == 14  # 7 linears x 2 blocks
     expected = hessians_of(tiny_llama, ids, list(seen))
     for name in seen:
@@ -236,9 +236,9 @@ def test_driver_is_true_sequential(tiny_llama, replay):
 
 
 def test_whole_block_driver_uses_each_blocks_float_inputs(tiny_llama):
-    """quantize_whole_blocks (GPTQ's true_sequential=False, AWQ): all of a block's statistics come
+    """quantize_blocks_one_pass (GPTQ's true_sequential=False, AWQ): all of a block's statistics come
     from one pass of the block as it arrives: float linears, inputs from the quantized blocks before."""
-    from minquant.calibrate import quantize_whole_blocks
+    from minquant.calibrate import quantize_blocks_one_pass
     from minquant.models import LLAMA
 
     ids = windows()
@@ -251,9 +251,9 @@ def test_whole_block_driver_uses_each_blocks_float_inputs(tiny_llama):
             for name in group:
                 seen[f"{prefix}.{name}"] = (st.H.double().clone(), st.mean_abs.double().clone())
                 linear = block.get_submodule(name)
-                linear.weight.data = quantized[f"{prefix}.{name}"] = gptq_quantize(linear.weight, st.H, GPTQConfig(2, 32)).dequantize()
+                linear.weight.data = quantized[f"{prefix}.{name}"] = gptq_quantize(linear.weight, st.H, GPTQConfig(QuantConfig(2, 32))).dequantize()
 
-    quantize_whole_blocks(tiny_llama, ids, quantize_block, batch_size=5, progress=False)
+    quantize_blocks_one_pass(tiny_llama, ids, quantize_block, batch_size=5, progress=False)
     block0 = [n for n in seen if ".0." in n]
     reference = copy.deepcopy(float_model)  # block 0 as the run left it, block 1 still float
     for name in block0:
@@ -278,7 +278,7 @@ def test_whole_block_driver_uses_each_blocks_float_inputs(tiny_llama):
 
 def test_driver_sees_quantized_inputs_not_float_ones(tiny_llama):
     """The check above has teeth: the float model's Hessians differ from what the driver used."""
-    from minquant.calibrate import quantize_blocks
+    from minquant.calibrate import quantize_blocks_sequential
 
     ids = windows()
     float_model = copy.deepcopy(tiny_llama)
@@ -287,9 +287,9 @@ def test_driver_sees_quantized_inputs_not_float_ones(tiny_llama):
     def quantize_group(linears, H):
         for name, linear in linears.items():
             seen[name] = H.double().clone()
-            linear.weight.data = gptq_quantize(linear.weight, H, GPTQConfig(2, 32)).dequantize()
+            linear.weight.data = gptq_quantize(linear.weight, H, GPTQConfig(QuantConfig(2, 32))).dequantize()
 
-    quantize_blocks(tiny_llama, ids, quantize_group, progress=False)
+    quantize_blocks_sequential(tiny_llama, ids, quantize_group, progress=False)
     name = "model.layers.1.mlp.down_proj"
     assert not torch.allclose(seen[name], hessians_of(float_model, ids, [name])[name], rtol=1e-3)
 
@@ -297,7 +297,7 @@ def test_driver_sees_quantized_inputs_not_float_ones(tiny_llama):
 def test_quantize_model_gives_quantlinears_that_compute_what_gptq_chose(tiny_llama):
     ids = windows()
     fake = copy.deepcopy(tiny_llama)
-    report = gptq_quantize_model(tiny_llama, ids, GPTQConfig(4, 32, act_order=True), progress=False)
+    report = gptq_quantize_model(tiny_llama, ids, GPTQConfig(QuantConfig(4, 32), act_order=True), progress=False)
     layers = {n: m for n, m in tiny_llama.named_modules() if isinstance(m, QuantLinear)}
     assert len(layers) == 14 and set(report["layers"]) == set(layers)
     assert isinstance(tiny_llama.lm_head, torch.nn.Linear)  # the head stays float
@@ -310,15 +310,15 @@ def test_quantize_model_gives_quantlinears_that_compute_what_gptq_chose(tiny_lla
 def test_quantize_model_checks_every_layer_first(tiny_llama):
     tiny_llama.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match="block 1 mlp.down_proj: weight has 1 NaN"):
-        gptq_quantize_model(tiny_llama, windows(), GPTQConfig(4, 32), progress=False)
+        gptq_quantize_model(tiny_llama, windows(), GPTQConfig(QuantConfig(4, 32)), progress=False)
     assert not any(isinstance(m, QuantLinear) for m in tiny_llama.modules())  # nothing was changed
     with pytest.raises(ValueError, match="group_size 48 does not divide the 64"):
-        gptq_quantize_model(tiny_llama, windows(), GPTQConfig(4, 48), progress=False)
+        gptq_quantize_model(tiny_llama, windows(), GPTQConfig(QuantConfig(4, 48)), progress=False)
 
 
 def test_bad_calibration_data(tiny_llama):
     with pytest.raises(ValueError, match="calibration data must be"):
-        gptq_quantize_model(tiny_llama, torch.zeros(0, 16, dtype=torch.long), GPTQConfig(4, 32), progress=False)
+        gptq_quantize_model(tiny_llama, torch.zeros(0, 16, dtype=torch.long), GPTQConfig(QuantConfig(4, 32)), progress=False)
     assert not any(isinstance(m, QuantLinear) for m in tiny_llama.modules())
 
 
@@ -328,7 +328,7 @@ def test_unknown_family_names_the_supported_ones():
     model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="'gpt2' is not in minquant's architecture table; supported: .*llama.*"
                                          "add an Architecture entry"):
-        gptq_quantize_model(model, windows(), GPTQConfig(4, 32), progress=False)
+        gptq_quantize_model(model, windows(), GPTQConfig(QuantConfig(4, 32)), progress=False)
 
 
 class _ToyBlock(torch.nn.Module):
@@ -359,15 +359,15 @@ class _Toy(torch.nn.Module):
 def test_replay_refuses_outputs_changed_in_place(monkeypatch):
     """A new family in the table just works, and replay notices a block that edits outputs in place."""
     from minquant import models
-    from minquant.calibrate import quantize_blocks
+    from minquant.calibrate import quantize_blocks_sequential
 
     monkeypatch.setitem(models.ARCHITECTURES, "toy", models.Architecture("blocks", (("lin1",), ("lin2",))))
     quantize = lambda linears, H: None
     torch.manual_seed(0)
     model = _Toy()
     with pytest.raises(RuntimeError, match="modified in place.*replay=False"):
-        quantize_blocks(model, windows(4, 8), quantize, progress=False)
-    quantize_blocks(model, windows(4, 8), quantize, replay=False, progress=False)
+        quantize_blocks_sequential(model, windows(4, 8), quantize, progress=False)
+    quantize_blocks_sequential(model, windows(4, 8), quantize, replay=False, progress=False)
     assert "forward" not in vars(model.blocks[0].lin1)  # replays are always removed
 
 
@@ -401,7 +401,7 @@ def test_a_part_that_returns_its_last_linear_is_not_run_again(monkeypatch, passe
     again. A part that does more with b's output is recorded by running it once more. Either way every
     H is the H of the finished model, and the next block receives the finished block's output."""
     from minquant import models
-    from minquant.calibrate import quantize_blocks
+    from minquant.calibrate import quantize_blocks_sequential
 
     monkeypatch.setitem(models.ARCHITECTURES, "toy", models.Architecture("blocks", (("part.a",), ("part.b",), ("c",))))
     torch.manual_seed(0)
@@ -413,9 +413,9 @@ def test_a_part_that_returns_its_last_linear_is_not_run_again(monkeypatch, passe
     def quantize_group(linears, H):
         for name, linear in linears.items():
             seen[name] = H.double().clone()
-            linear.weight.data = gptq_quantize(linear.weight, H, GPTQConfig(2, 16)).dequantize()
+            linear.weight.data = gptq_quantize(linear.weight, H, GPTQConfig(QuantConfig(2, 16))).dequantize()
 
-    quantize_blocks(model, ids, quantize_group, batch_size=4, progress=False)
+    quantize_blocks_sequential(model, ids, quantize_group, batch_size=4, progress=False)
     # part runs in the passes for a and for b; a third time (to be recorded) only if it is more than b
     assert [block.part.calls for block in model.blocks] == [2 * 2 + (0 if passes_through else 2)] * 2
     H, handles = {}, []
@@ -431,10 +431,10 @@ def test_a_part_that_returns_its_last_linear_is_not_run_again(monkeypatch, passe
 
 def test_llama_mlp_runs_once_per_batch(tiny_llama):
     """Llama's mlp returns down_proj's output: after the pass that finds down_proj's input, never again."""
-    from minquant.calibrate import quantize_blocks
+    from minquant.calibrate import quantize_blocks_sequential
 
     calls = []
     for block in tiny_llama.model.layers:
         block.mlp.act_fn.register_forward_hook(lambda *a: calls.append(1))
-    quantize_blocks(tiny_llama, windows(), lambda linears, H: None, batch_size=5, progress=False)
+    quantize_blocks_sequential(tiny_llama, windows(), lambda linears, H: None, batch_size=5, progress=False)
     assert len(calls) == 3 * 2  # 3 batches x 2 blocks

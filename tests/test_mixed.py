@@ -174,7 +174,7 @@ def test_plan_naming_unknown_layers_is_refused(tiny_llama):
     from minquant.gptq import GPTQConfig, gptq_quantize_model
 
     with pytest.raises(ValueError, match="does not quantize: model.layers.9.mlp.up_proj"):
-        gptq_quantize_model(tiny_llama, tiny_windows(), GPTQConfig(4, 32), plan={"model.layers.9.mlp.up_proj": None},
+        gptq_quantize_model(tiny_llama, tiny_windows(), GPTQConfig(QuantConfig(4, 32)), plan={"model.layers.9.mlp.up_proj": None},
                             progress=False)
     import minquant
 

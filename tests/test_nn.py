@@ -8,9 +8,8 @@ from torch import nn
 
 from minquant.memory import module_bytes, weight_bytes
 from minquant.nn import QuantLinear
-from minquant.packing import gptq_qparams
-from minquant.quant import QuantConfig, dequantize, quantize
-from minquant.rtn import quantize_model
+from minquant.quant import QuantConfig, dequantize, quantize, storable_qparams
+from minquant.rtn import quantize_to_quantlinear
 
 
 @pytest.mark.parametrize("cfg", [QuantConfig(4, 64), QuantConfig(3, 32), QuantConfig(2, -1), QuantConfig(8, 128, symmetric=True)])
@@ -19,7 +18,7 @@ def test_forward_matches_float64_reference(cfg, bias):
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=bias)
     ql = QuantLinear.from_linear(lin, cfg)
-    scale, zero = gptq_qparams(lin.weight.detach(), cfg)
+    scale, zero = storable_qparams(lin.weight.detach(), cfg)
     w_hat = dequantize(quantize(lin.weight.detach(), scale, zero, cfg), scale, zero, cfg, dtype=torch.float64)
     torch.testing.assert_close(ql.dequantize_weight(torch.float64), w_hat, rtol=0, atol=0)
     x = torch.randn(3, 5, 256)
@@ -60,7 +59,7 @@ def test_quantize_model_replaces_linears_and_saves_bytes(tiny_llama):
     model = tiny_llama
     fake = copy.deepcopy(model)
     before = module_bytes(model)
-    report = quantize_model(model, QuantConfig(4, 32))
+    report = quantize_to_quantlinear(model, QuantConfig(4, 32))
     assert len(report) == 14 and isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
     assert isinstance(model.lm_head, nn.Linear)  # skipped, still tied to the embeddings
     linear_fp32 = sum(m.weight.numel() * 4 for m in fake.modules() if isinstance(m, nn.Linear)) - 64 * 64 * 4
@@ -79,7 +78,7 @@ def test_unpackable_layer_is_refused_before_anything_changes():
                         num_attention_heads=4, num_key_value_heads=1)  # k_proj and v_proj: 16 outputs
     model = T.LlamaForCausalLM(cfg)
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj: qzeros packs 32 values .* N \(out_features\) = 16"):
-        quantize_model(model, QuantConfig(3, 32))
+        quantize_to_quantlinear(model, QuantConfig(3, 32))
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
 

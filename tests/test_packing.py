@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minquant.packing import check_packable, from_gptq, gptq_qparams, pack, to_gptq, unpack
-from minquant.quant import QuantConfig, choose_qparams, quantize
+from minquant.packing import check_packable, from_gptq, pack, to_gptq, unpack
+from minquant.quant import QuantConfig, choose_qparams, quantize, storable_qparams
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -63,7 +63,7 @@ def test_shapes_that_cannot_be_packed():
 @pytest.mark.parametrize("cfg", [QuantConfig(4, 32), QuantConfig(3, 64), QuantConfig(2, -1), QuantConfig(8, 32, symmetric=True)])
 def test_gptq_layout_round_trip(cfg):
     w = torch.randn(64, 128) * 0.05
-    scale, zero = gptq_qparams(w, cfg)
+    scale, zero = storable_qparams(w, cfg)
     q = quantize(w, scale, zero, cfg)
     t = to_gptq(q, scale, zero, cfg)
     G = cfg.groups(128)
@@ -82,7 +82,7 @@ def test_zero_point_zero_is_made_storable():
     assert (choose_qparams(w, cfg)[1] == 0).all()
     with pytest.raises(ValueError, match="zero-point of 0 cannot be stored"):
         to_gptq(quantize(w, *choose_qparams(w, cfg), cfg), *choose_qparams(w, cfg), cfg)
-    scale, zero = gptq_qparams(w, cfg)
+    scale, zero = storable_qparams(w, cfg)
     assert (zero == 1).all()
     w_hat = (quantize(w, scale, zero, cfg).float() - 1) * scale.repeat_interleave(32, dim=1)
     assert ((w - w_hat).abs() <= scale.repeat_interleave(32, dim=1) / 2 + 1e-6).all()  # nothing clipped

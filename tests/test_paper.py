@@ -66,6 +66,32 @@ def test_recipe_for_other_families(family, minilm_tokenizer, tmp_path):
     assert "| RTN W3 |" in paper_table(record) and str(folder) in paper_table(record)
 
 
-def test_the_reference_row_and_names():
-    assert PAPER_ROWS["facebook/opt-125m"] == {"fp16": 27.65, "RTN W4": 37.28, "GPTQ W4": 31.12, "GPTQ W3": 53.85}
+def test_the_reference_row_and_names(monkeypatch, tmp_path):
+    """Each published number lands beside the run it is for, in the record and in the table.
+
+    The command runs here with model, data, quantization and evaluation stubbed out (seconds, no model):
+    what is checked is how PAPER_ROWS is joined to the runs. A label in PAPER_ROWS that no run has (a typo,
+    a renamed entry) would drop its number silently; that fails here. The numbers' own values are pinned
+    against the paper in test_opt_125m_command_end_to_end.
+    """
+    class Evaluated:
+        def __init__(self, ppl):
+            self.ppl = ppl
+
+    ppls = iter([20.0, 41.0, 32.0, 900.0, 64.0])  # distinct, so each table row can only be its own
+    monkeypatch.setattr("minquant.load_model", lambda model: (torch.nn.Linear(2, 2), None))
+    monkeypatch.setattr("minquant.api.calibration_data", lambda *a, **k: None)
+    monkeypatch.setattr("minquant.quantize", lambda model, *a, **k: model)
+    monkeypatch.setattr("minquant.evaluate", lambda *a, **k: Evaluated(next(ppls)))
+    record = json.loads(bench_paper("facebook/opt-125m", device="cpu", seqlen=8, out=tmp_path / "r.json",
+                                    progress=False).read_text())
+    row, results = PAPER_ROWS["facebook/opt-125m"], record["results"]
+
+    assert set(row) <= {"fp16", *results}  # every published number has its run
+    assert results["fp32"]["paper"] == row["fp16"]  # on a CPU ours is fp32, beside the paper's fp16
+    assert all(results[label]["paper"] == row.get(label) for label in results if label != "fp32")
+    assert row["fp16"] < row["GPTQ W4"] < row["RTN W4"] and row["GPTQ W4"] < row["GPTQ W3"]  # the paper's shape
+    shown = {"fp32": row["fp16"]} | {label: row.get(label, "-") for label in results if label != "fp32"}
+    table = paper_table(record).splitlines()
+    assert all(f"| {label} | {r['ppl']:.2f} | {shown[label]} |" in table for label, r in results.items())
     assert results_name("meta-llama/Llama-3.2-1B") == "paper_meta_llama_llama_3_2_1b"

@@ -14,7 +14,7 @@ import transformers as T
 
 from minquant.checkpoint import load_quantized, save_quantized
 from minquant.quant import QuantConfig
-from minquant.rtn import quantize_model
+from minquant.rtn import quantize_to_quantlinear
 
 PYTHON = os.environ.get("MINQUANT_GPTQMODEL_PYTHON")
 pytestmark = pytest.mark.skipif(not PYTHON, reason="needs MINQUANT_GPTQMODEL_PYTHON: run `make test VERIFY_LOADERS=1`")
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not PYTHON, reason="needs MINQUANT_GPTQMODEL_PYT
 LOAD_WITH_TRANSFORMERS = """
 import sys, torch, transformers
 ids = torch.load(sys.argv[2])
-qc = transformers.GPTQConfig(bits=int(sys.argv[4]), backend="torch")
+qc = transformers.GPTQConfig(QuantConfig(int(sys.argv[4])), backend="torch")
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu", dtype=torch.float32,
                                                           quantization_config=qc)
 kinds = {f"{type(m).__module__.split('.')[0]}.{type(m).__name__}" for m in model.modules()}
@@ -58,7 +58,7 @@ def ours(folder, ids):
                                  QuantConfig(2, 64)])
 def test_tiny_llama(cfg, tmp_path):
     model = tiny_llama_model()
-    quantize_model(model, cfg)
+    quantize_to_quantlinear(model, cfg)
     save_quantized(model, None, tmp_path / "ckpt")
     ids = torch.arange(24).reshape(2, 12)
     theirs = third_party_logits(tmp_path / "ckpt", ids, cfg.bits, tmp_path)
@@ -71,7 +71,7 @@ def test_smollm2_int4_g64(smollm2, tmp_path):
     import copy
 
     model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
-    quantize_model(model, QuantConfig(4, 64))
+    quantize_to_quantlinear(model, QuantConfig(4, 64))
     save_quantized(model, tokenizer, tmp_path / "ckpt")
     ids = tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
     theirs, mine = third_party_logits(tmp_path / "ckpt", ids, 4, tmp_path)["logits"], ours(tmp_path / "ckpt", ids)
@@ -124,7 +124,7 @@ def test_tiny_llama_mixed_precision(minilm_tokenizer, tmp_path):
     plan = {f"model.layers.0.self_attn.{x}_proj": QuantConfig(8, 32, symmetric=True) for x in "qkv"}
     plan |= {"model.layers.1.mlp.down_proj": QuantConfig(2, 64, symmetric=True), "model.layers.0.mlp.gate_proj": None,
              "model.layers.0.mlp.up_proj": None, "model.layers.1.self_attn.o_proj": QuantConfig(3, -1, symmetric=True)}
-    gptq_quantize_model(model, calib, GPTQConfig(4, 32, sym=True), plan=plan, progress=False)
+    gptq_quantize_model(model, calib, GPTQConfig(QuantConfig(4, 32, symmetric=True)), plan=plan, progress=False)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 12
     save_quantized(model, minilm_tokenizer, tmp_path / "ckpt")  # GPTQModel's loader wants a tokenizer
     run = subprocess.run([PYTHON, "-c", LOAD_WITH_GPTQMODEL, str(tmp_path / "ckpt"), str(tmp_path / "out.pt")],

@@ -229,7 +229,7 @@ def targets(layers: list[dict], decode: dict) -> dict:
 def run(out: Path | None = None, layers=LAYERS, batches=BATCHES, decode: bool = True) -> Path:
     from minquant.bench.results import save_results
 
-    flags = cpu._cpu_flags()
+    flags = cpu.cpu_flags()
     protocol = {"layers": "4-bit RTN asymmetric, x fp32; methods take turns per pass, median over passes; "
                           "SmolLM2 shapes over 30 copies, Llama-2-7B shapes over copies of >= 512 MB per method",
                 "threads": torch.get_num_threads(), "cpu_flags": {f: f in flags for f in FLAGS},

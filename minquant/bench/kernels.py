@@ -264,7 +264,7 @@ def decode_tokens_per_s(group_size: int = 128, new_tokens: int = 64) -> dict:
 
     from minquant.kernels.timing import graph_time_ms
     from minquant.models import load_config
-    from minquant.rtn import quantize_model
+    from minquant.rtn import quantize_to_quantlinear
 
     cfg = load_config("meta-llama/Llama-2-7b-hf")
     with torch.device("cuda"):  # initialise on the GPU: 6.7B parameters in fp16, never on the CPU
@@ -290,7 +290,7 @@ def decode_tokens_per_s(group_size: int = 128, new_tokens: int = 64) -> dict:
 
     result = {"model": "Llama-2-7B shape, random init", "new_tokens": new_tokens,
               "fp16_tokens_per_s": speed(), "fp16_graphed_tokens_per_s": graphed()}
-    quantize_model(model, QuantConfig(4, group_size))
+    quantize_to_quantlinear(model, QuantConfig(4, group_size))
     result["minquant_w4_tokens_per_s"] = speed()
     result["minquant_w4_graphed_tokens_per_s"] = graphed()
     result["speedup"] = result["minquant_w4_tokens_per_s"] / result["fp16_tokens_per_s"]

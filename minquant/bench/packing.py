@@ -22,7 +22,7 @@ def run(out: Path | None = None) -> Path:
     from minquant.memory import weight_bytes
     from minquant.models import load_model
     from minquant.nn import QuantLinear
-    from minquant.rtn import quantize_model
+    from minquant.rtn import quantize_to_quantlinear
 
     tmp = Path(tempfile.mkdtemp())
     layer = QuantLinear.from_linear(torch.nn.Linear(4096, 4096, bias=False), QuantConfig(4, 128))
@@ -36,7 +36,7 @@ def run(out: Path | None = None) -> Path:
         save_file(state, tmp / f"{fmt}.safetensors")
         files[fmt] = (tmp / f"{fmt}.safetensors").stat().st_size
     int4 = copy.deepcopy(model)
-    quantize_model(int4, QuantConfig(4, 64))
+    quantize_to_quantlinear(int4, QuantConfig(4, 64))
     save_quantized(int4, tokenizer, tmp / "int4")
     files["int4 g64"] = (tmp / "int4" / "model.safetensors").stat().st_size
     analytic = {"fp32": weight_bytes(model.config, "fp32").total, "fp16": weight_bytes(model.config, "fp16").total,

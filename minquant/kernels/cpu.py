@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from minquant.cache import cache_root
 from minquant.kernels.prepare import group_order, version
 from minquant.packing import pack, unpack
 
@@ -58,7 +59,7 @@ KERNEL_BITS = (2, 4, 8)   # 3-bit layers are widened to 4 bits for the kernel
 # ---------------------------------------------------------------------------------------------
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -70,7 +71,7 @@ def _cpu_flags() -> frozenset[str]:
 
 def vector_width() -> int:
     """fp32 lanes the kernel's vectors hold: 16 with AVX-512, else 8 (AVX2, and the compiler splits as needed)."""
-    return 16 if "avx512f" in _cpu_flags() else 8
+    return 16 if "avx512f" in cpu_flags() else 8
 
 
 def _compiler() -> str | None:
@@ -81,10 +82,8 @@ def _compiler() -> str | None:
 
 
 def _cache_dir() -> Path:
-    setting = os.environ.get("MINQUANT_CACHE", "")
-    if setting.lower() == "off":
-        return Path(tempfile.mkdtemp(prefix="minquant-cpu-"))
-    return Path(setting or Path.home() / ".cache" / "minquant").expanduser() / "cpu-kernels"
+    root = cache_root()  # MINQUANT_CACHE=off: built afresh in a temporary folder each process
+    return Path(tempfile.mkdtemp(prefix="minquant-cpu-")) if root is None else root / "cpu-kernels"
 
 
 # tried in order: the last ones for compilers without OpenMP (Apple clang) or -march=native
@@ -105,7 +104,7 @@ def build(vw: int | None = None, cc: str | None = None) -> Path:
     for extra in FLAG_SETS:
         flags = ["-O3", "-shared", "-fPIC", f"-DVW={vw}", *extra]
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler_version.encode(),
-                                         " ".join(sorted(_cpu_flags())).encode(),
+                                         " ".join(sorted(cpu_flags())).encode(),
                                          platform.machine().encode()])).hexdigest()[:16]
         out = _cache_dir() / f"cpu_kernels-{key}.so"
         if out.exists():

@@ -38,7 +38,7 @@ NIBBLE_SHIFT = 12  # brings nibbles 5-7 to positions 2-4; passed at run time (se
 
 
 @triton.jit
-def _minus_zero(w, mask, magic, offset):
+def minus_zero(w, mask, magic, offset):
     """(w's nibble under `mask`) - zero, as fp32: OR the nibble into the mantissa of `magic`, subtract."""
     return (w & mask | magic).to(tl.float32, bitcast=True) - offset
 
@@ -119,7 +119,7 @@ def gemv_kernel(
         if not EVEN:
             s = tl.where((c < n_chunks)[:, None] & (offs_n < N)[None, :], s, 0.0)
         zw = tl.load(qzeros_ptr + g * stride_zg + (nn // 8)[None, :])
-        z = _minus_zero(zw >> ((nn % 8) * 4)[None, :], 0xF, magic, 8388607.0)  # zero = stored + 1 (GPTQ v1)
+        z = minus_zero(zw >> ((nn % 8) * 4)[None, :], 0xF, magic, 8388607.0)  # zero = stored + 1 (GPTQ v1)
         z0, z1, z2, z3, z4 = z + 8388608.0, z + 524288.0, z + 32768.0, z + 2048.0, z + 128.0  # 2**(23-4p) + zero
         t0 = tl.zeros((SLOTS, BLOCK_N), dtype=tl.float32)
         t1 = tl.zeros((SLOTS, BLOCK_N), dtype=tl.float32)
@@ -129,10 +129,10 @@ def gemv_kernel(
             kw = cc * CHUNK_W + j                              # the word row, (SLOTS,)
             w = tl.load(qweight_ptr + kw[:, None] * stride_qk + nn[None, :], eviction_policy="evict_first")
             wh = w >> shift
-            f0, f1 = _minus_zero(w, 0xF, magic, z0), _minus_zero(w, 0xF0, m1, z1)
-            f2, f3 = _minus_zero(w, 0xF00, m2, z2), _minus_zero(w, 0xF000, m3, z3)
-            f4, f5 = _minus_zero(w, 0xF0000, m4, z4), _minus_zero(wh, 0xF00, m2, z2)
-            f6, f7 = _minus_zero(wh, 0xF000, m3, z3), _minus_zero(wh, 0xF0000, m4, z4)
+            f0, f1 = minus_zero(w, 0xF, magic, z0), minus_zero(w, 0xF0, m1, z1)
+            f2, f3 = minus_zero(w, 0xF00, m2, z2), minus_zero(w, 0xF000, m3, z3)
+            f4, f5 = minus_zero(w, 0xF0000, m4, z4), minus_zero(wh, 0xF00, m2, z2)
+            f6, f7 = minus_zero(wh, 0xF000, m3, z3), minus_zero(wh, 0xF0000, m4, z4)
             t0 = _word_dot(t0, x_ptr, perm_ptr, kw, f0, f1, f2, f3, f4, f5, f6, f7, PERMUTED)
             if BLOCK_M > 1:
                 t1 = _word_dot(t1, x_ptr + stride_xm, perm_ptr, kw, f0, f1, f2, f3, f4, f5, f6, f7, PERMUTED)

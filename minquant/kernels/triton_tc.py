@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from minquant.kernels.triton_gemv import MAGIC, NIBBLE_SHIFT, _minus_zero
+from minquant.kernels.triton_gemv import MAGIC, NIBBLE_SHIFT, minus_zero
 
 CHUNK_W = 16  # words of K per step: the dots' depth
 
@@ -37,7 +37,7 @@ CHUNK_W = 16  # words of K per step: the dots' depth
 def _nibble_minus_zero(w, p: tl.constexpr, magic, zero):
     """q - zero for nibble p (0-4) of every word: OR it into the mantissa of 2**(23-4p), subtract 2**(23-4p) + zero."""
     m = magic - ((4 * p) << 23)                   # the bits of 2**(23 - 4p)
-    return _minus_zero(w, 0xF << (4 * p), m, m.to(tl.float32, bitcast=True) + zero)
+    return minus_zero(w, 0xF << (4 * p), m, m.to(tl.float32, bitcast=True) + zero)
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def tc_kernel(
         g = c // GROUP_CHUNKS
         s = tl.load(scales_ptr + g * stride_sg + nn).to(tl.float32)[None, :]
         zw = tl.load(qzeros_ptr + g * stride_zg + nn // 8)
-        z = _minus_zero(zw >> ((nn % 8) * 4), 0xF, magic, 8388607.0)[None, :]
+        z = minus_zero(zw >> ((nn % 8) * 4), 0xF, magic, 8388607.0)[None, :]
         kw = c * 16 + words
         w = tl.load(qweight_ptr + kw[:, None] * stride_qk + nn[None, :], eviction_policy="evict_first")  # (16, BLOCK_N)
         wh = w >> shift
