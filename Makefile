@@ -60,7 +60,7 @@ demo: setup
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 test: setup $(if $(VERIFY_LOADERS),$(LOADER_STAMP))
-	$(if $(VERIFY_LOADERS),MINQUANT_GPTQMODEL_PYTHON=$(CURDIR)/$(LOADER_VENV)/bin/python) $(PY) -m pytest $(NBVAL) $(PYTEST_ARGS)
+	$(if $(VERIFY_LOADERS),MINQUANT_GPTQMODEL_PYTHON=$(CURDIR)/$(LOADER_VENV)/bin/python) $(PY) -m pytest $(NBVAL) --durations=15 $(PYTEST_ARGS)
 
 # CI machines are not all of one CPU: torch, MKL and oneDNN pick other vector kernels on AVX2 and
 # AVX-512, and the last digits of float results move. test-portable runs every notebook under nbval

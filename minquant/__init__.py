@@ -6,27 +6,51 @@ The front door (notebook 10), Hugging Face style:
     minquant.evaluate(model, "wikitext2", max_windows=4).ppl
     print(minquant.memory("meta-llama/Llama-2-70b-hf"))
 
-Modules follow the course (each module's docstring names the notebook that derives it):
-    memory  - parameter counts and bytes per format from a config      (notebook 01)
-    models  - load packaged offline models, local folders, Hub ids      (notebook 01)
-    formats - fp32/fp16/bf16/fp8/int/NF4 as data, rounding to each      (notebook 02)
-    quant   - QuantConfig and min/max quantize/dequantize, error metrics (notebooks 03, 04)
-    rtn     - round-to-nearest on every linear layer of a model         (notebook 04)
-    eval    - perplexity with the GPTQ protocol                         (notebook 04)
-    packing - 2/3/4/8-bit packing and the GPTQ checkpoint layout        (notebook 05)
-    nn      - QuantLinear: packed weights, forward through `kernels`    (notebook 05)
-    checkpoint - save/load GPTQ checkpoints that other tools read       (notebook 05)
-    kernels - the fused Triton W4A16 dequant-matmul                     (notebook 06)
-    data    - WikiText-2 and C4 text for evaluation and calibration    (notebooks 04, 07)
-    calibrate - the block-by-block driver over calibration data        (notebook 07)
-    gptq    - GPTQ: Hessian-guided column-by-column rounding            (notebook 07)
-    awq     - AWQ: activation-aware scaling, folded into the op before  (notebook 08)
-    sensitivity, mixed - per-layer sensitivity; bits per layer under a budget (notebook 09)
-    api     - quantize / save / load / evaluate                         (notebook 10)
-    compare - one model quantized several ways, measured alike; the demo (notebook 10)
-    bench*, sweep, paper - benchmarks that write data/results/*.json  (`minquant bench`)
-    course  - `check(answer, expected)` for the notebooks' exercises
-    cli     - the `minquant` command: quantize, eval, generate, memory, bench, demo
+Modules follow the course (each module's docstring names the notebook that derives it; the
+number at the end of a line). The library never imports `minquant.bench`.
+
+minquant/                 the library the course builds (one idea per module; docstrings name the notebook)
+  memory.py               parameter counts, bytes per format, KV cache, bandwidth bound      (01)
+  models.py               load packaged / local / Hub models; the architecture table        (01)
+  formats.py              fp32/fp16/bf16/fp8/int/NF4 as data, rounding to each              (02)
+  quant.py                QuantConfig; qparams, round_to_grid, quantize, dequantize, errors (03-05)
+  rtn.py                  round-to-nearest over a model (fake or into QuantLinear)          (04-05)
+  eval.py                 perplexity, GPTQ protocol                                         (04)
+  data.py                 WikiText-2 and C4 (MINQUANT_DATA, then the Hub)                   (04, 07)
+  packing.py              2/3/4/8-bit packing, the GPTQ v1 layout                           (05)
+  nn.py                   QuantLinear                                                       (05)
+  checkpoint.py           save/load GPTQ checkpoints other tools read                       (05)
+  atomic.py               checkpoint folders written whole or not at all                    (05)
+  patterns.py             layer-name patterns of mixed-precision checkpoints                (05, 09)
+  kernels/                what QuantLinear.forward runs                                     (06)
+    __init__.py           backend dispatch: Triton on CUDA, C on CPU, torch reference
+    reference.py          torch dequantize + matmul
+    prepare.py            the kernels' view of a layer (act-order sorted once), cached
+    triton_gemv.py        batch-1..4 GEMV
+    triton_tc.py          small-batch tensor-core kernel
+    triton_w4a16.py       the fused tiled W4A16 kernel
+    triton_dequant.py     dequantize to fp16 for large batches
+    timing.py             CUDA-graph timing for the tuners
+    cpu.py, cpu_kernels.c the CPU path: a C kernel built on first use
+  calibrate.py            the block-by-block calibration driver                             (07)
+  gptq.py                 GPTQ                                                              (07)
+  awq.py                  AWQ                                                               (08)
+  sensitivity.py          per-layer sensitivity proxies                                     (09)
+  mixed.py                bits per layer under a budget (exact knapsack)                    (09)
+  api.py                  quantize / save / load / evaluate, method_config                  (10)
+  compare.py              one model quantized several ways, measured alike; the demo        (10)
+  meter.py                peak memory while code runs
+  cache.py                where built things are kept (MINQUANT_CACHE)
+  course.py               the notebooks' exercise checks
+  cli.py, __main__.py     the `minquant` command
+  bench/                  benchmarks: never imported by the library
+    registry.py           every benchmark by name, for the CLI and the README writer
+    results.py            data/results/*.json with provenance; the README's tables
+    rtn.py packing.py gptq.py awq.py sensitivity.py mixed.py calibration.py eightbit.py
+    claims.py paper.py kernels.py cpu.py demo.py    one benchmark each: run() and table(record)
+    sweep.py              the resumable model sweeps (gptq, awq, mixed, calibration)
+    sass.py               GPU kernels' SASS, compiled and read without a GPU
+    peers/                llmcompressor_quant.py, hqq_quant.py: other tools' runners (their own venvs)
 """
 __version__ = "0.1.0"
 

@@ -175,10 +175,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"saved {path}\n\n{registry.table(path.stem)}")
 
 
-def _subcommand(sub, name: str, help: str, examples: list[str]) -> argparse.ArgumentParser:
-    """A subcommand whose --help ends with worked examples."""
-    return sub.add_parser(name, help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
-                          epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
+def _subcommand(sub, func, help: str, examples: list[str]) -> argparse.ArgumentParser:
+    """The subcommand that `func` (cmd_NAME) runs, whose --help ends with worked examples."""
+    p = sub.add_parser(func.__name__.removeprefix("cmd_"), help=help, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n" + "\n".join(f"  {e}" for e in examples))
+    p.set_defaults(func=func)
+    return p
 
 
 def _add_placement(p: argparse.ArgumentParser) -> None:
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = _subcommand(sub, "memory", "bytes of a model in each format, and the GPUs that hold it", [
+    p = _subcommand(sub, cmd_memory, "bytes of a model in each format, and the GPUs that hold it", [
         'minquant memory meta-llama/Llama-2-70b-hf',
         'minquant memory smollm2-135m --group-size 64 --linears-only',
         'minquant memory ./my-model-folder --context 32768 --batch 8'])
@@ -202,9 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=positive_int, default=4096, help="tokens held in the KV cache")
     p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded at once")
     p.add_argument("--linears-only", action="store_true", help="keep embeddings and lm_head in fp16")
-    p.set_defaults(func=cmd_memory)
 
-    p = _subcommand(sub, "quantize", "quantize a model (RTN, GPTQ or AWQ) and save a GPTQ checkpoint", [
+    p = _subcommand(sub, cmd_quantize, "quantize a model (RTN, GPTQ or AWQ) and save a GPTQ checkpoint", [
         'minquant quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out smollm2-gptq',
         'minquant quantize smollm2-135m --method rtn --bits 8 --group-size -1 --out smollm2-w8',
         'minquant quantize smollm2-135m --method awq --bits 4 --group-size 64 --out smollm2-awq',
@@ -237,9 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="where each block is quantized (cuda, cpu); default: the model's")
     p.add_argument("--eval-windows", type=non_negative_int, default=0, help="also score N WikiText-2 test windows of 2048 tokens")
-    p.set_defaults(func=cmd_quantize)
 
-    p = _subcommand(sub, "bench", "measure and save numbers to data/results/", [
+    p = _subcommand(sub, cmd_bench, "measure and save numbers to data/results/", [
         'minquant bench rtn                  # quick CPU protocol: 16 windows',
         'minquant bench rtn --max-windows 0 --device cuda   # the full test set',
         "minquant bench gptq --only 'fp32' '*W4 g64 sym*'   # part of the GPTQ sweep",
@@ -264,9 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="paper: Hub id or folder (default facebook/opt-125m); demo: the model")
     p.add_argument("--n-samples", type=int, default=None, help="paper: C4 calibration windows (default 128)")
     p.add_argument("--device", default=None, help="rtn: cpu (default) or cuda; paper: default cuda when there is one")
-    p.set_defaults(func=cmd_bench)
 
-    p = _subcommand(sub, "demo", "RTN vs GPTQ vs AWQ on the packaged SmolLM2: one table, save, reload, generate", [
+    p = _subcommand(sub, cmd_demo, "RTN vs GPTQ vs AWQ on the packaged SmolLM2: one table, save, reload, generate", [
         'minquant demo                       # ~6 min on 2 CPU cores (make demo)',
         'minquant demo --methods rtn awq --eval-windows 2 --out /tmp/demo',
         'minquant demo --model Qwen/Qwen2.5-0.5B --group-size 128 --device cuda'])
@@ -282,9 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--device", default=None, help="where blocks are quantized (cuda, cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
 
-    p = _subcommand(sub, "eval", "perplexity of a model or checkpoint (GPTQ protocol, WikiText-2 test)", [
+    p = _subcommand(sub, cmd_eval, "perplexity of a model or checkpoint (GPTQ protocol, WikiText-2 test)", [
         'minquant eval smollm2-135m --max-windows 4',
         'minquant eval ./smollm2-gptq --max-windows 16      # a checkpoint from minquant quantize',
         'minquant eval ./llama-gptq --max-windows 0 --device cuda --dtype fp16   # the whole test set',
@@ -294,9 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=positive_int, default=None, help="tokens per window (default: the model's, at most 2048)")
     p.add_argument("--text", default=None, help="score this text file instead of WikiText-2 test")
     _add_placement(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = _subcommand(sub, "generate", "greedy text from a model or checkpoint", [
+    p = _subcommand(sub, cmd_generate, "greedy text from a model or checkpoint", [
         'minquant generate smollm2-135m --prompt "What is quantization?"',
         'minquant generate ./smollm2-gptq --max-new-tokens 64',
         'minquant generate ./smollm2-gptq --no-chat --prompt "The capital of France is"'])
@@ -305,7 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--no-chat", action="store_true", help="plain continuation, no chat template")
     _add_placement(p)
-    p.set_defaults(func=cmd_generate)
     return parser
 
 

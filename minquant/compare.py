@@ -24,6 +24,7 @@ from torch import nn
 
 from minquant.memory import module_bytes
 from minquant.meter import PeakMemory
+from minquant.quant import scheme_label
 
 DEMO_PROMPT = "Explain in one sentence why a 70B-parameter model does not fit on one 24 GB GPU."
 
@@ -121,7 +122,7 @@ def compare(model, tokenizer=None, methods=("rtn", "gptq", "awq"), *, bits: int 
     best = None
     for method in methods:
         q = copy.deepcopy(model)
-        label = f"{method.upper()} W{bits} g{group_size}{' sym' if sym else ''}"
+        label = f"{method.upper()} {scheme_label(bits, group_size)}{' sym' if sym else ''}"
         if progress:
             print(f"{label} ...", flush=True)
         with PeakMemory(device) as peak:
@@ -190,7 +191,7 @@ def demo(model_name: str = "smollm2-135m", out_dir: str = "minquant-demo", *, me
                             progress=progress)
     best_entry = min(entries[1:], key=lambda e: e.ppl)  # the entry of the model compare returned
     seqlen_used = eval_seqlen or default_seqlen(model)
-    print(f"\n{model_name}: W{bits} g{group_size}, calibration C4 {n_samples}x{seqlen} (RTN uses none), "
+    print(f"\n{model_name}: {scheme_label(bits, group_size)}, calibration C4 {n_samples}x{seqlen} (RTN uses none), "
           f"perplexity on the first {eval_windows} WikiText-2 test windows of {seqlen_used} tokens\n")
     print(table(entries))
 

@@ -218,3 +218,17 @@ def test_the_checker_finds_what_it_checks_for(tmp_path):
     assert private_imports(imports) == ["pkg/b.py:4 imports _private from pkg.a"]
     assert bench_imports(imports, "pkg.bench", {"pkg.cli"}) == ["pkg/a.py:3 imports pkg.bench"]
     assert len(bench_imports(imports, "pkg.bench")) == 2  # without the allow-list the CLI is found too
+
+
+def test_the_layout_in_readme_and_init_names_every_module():
+    """README's "Repository layout" and minquant/__init__'s docstring list every file of the package."""
+    import re
+
+    import minquant
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Repository layout", 1)[1].split("```")[1]
+    files = sorted({p.name for p in (ROOT / PACKAGE).rglob("*") if p.suffix in (".py", ".c") and "__pycache__" not in p.parts})
+    for text, where in ((block, "README's Repository layout"), (minquant.__doc__, "minquant/__init__.py's docstring")):
+        named = set(re.findall(r"[\w]+\.(?:py|c)\b", text))
+        assert not set(files) - named, f"{where} does not name {sorted(set(files) - named)}"

@@ -8,7 +8,7 @@ Which operand goes on the MMA's tall side? Marlin and tinygemm put the weights t
 because an MMA is 16 rows tall (64 on Hopper's wgmma) and 8 rows of x would fill half of it. In
 Triton the same swap measured worse: the weights, unpacked along N in registers, then reach the
 MMA's A operand through shared memory 2 bytes at a time (9.1 against 4.7 SASS instructions per
-weight at M = 16 on sm_90, kernels.sass). So x stays the A operand and Triton uses 16-row MMAs.
+weight at M = 16 on sm_90, minquant.bench.sass). So x stays the A operand and Triton uses 16-row MMAs.
 
 Each int32 word is loaded once, as a (CHUNK_W, BLOCK_N) tile of 16-byte loads along N. Its nibble j
 holds the weights of inputs k = 8 kw + j, for every word row kw of the tile. A dot product may sum
@@ -105,7 +105,7 @@ def tc_kernel(
 
 # (BLOCK_M, BLOCK_N, SPLIT_K, num_warps, num_stages). One stage: the weights are unpacked in registers
 # on their way to the MMA, and the pipeliner's asynchronous copies would route them through shared
-# memory as 4-byte pieces (more instructions per weight, measured with kernels.sass).
+# memory as 4-byte pieces (more instructions per weight, measured with minquant.bench.sass).
 CONFIGS = [(16, 128, 1, 4, 1), (16, 256, 1, 4, 1), (16, 256, 1, 8, 1), (32, 128, 1, 4, 1), (32, 256, 1, 8, 1),
            (64, 128, 1, 8, 1), (16, 128, 2, 4, 1), (16, 128, 4, 4, 1)]  # (64, 256, ...) and (64, 128, 1, 4) spill
 DEFAULT_CONFIG = CONFIGS[0]

@@ -3,7 +3,7 @@
 HQQ needs no calibration data: it fits each group's scale and float zero point to the weights
 alone, by a few steps of a proximal solver on a sparsity-promoting ||W - dequant(quant(W))||_p
 (p < 1) error. It has no symmetric mode. Run inside HQQ's own venv (the bench builds it):
-    python -m minquant.peers.hqq_quant --bits 4 --group-size 64 --out result.json
+    python -m minquant.bench.peers.hqq_quant --bits 4 --group-size 64 --out result.json
 Writes one JSON object: perplexity, quantization seconds, peak RSS.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Notebooks 07 and 08 compare with it.
 
 Run inside llm-compressor's own venv (the bench builds it):
-    python -m minquant.peers.llmcompressor_quant --method gptq --bits 4 --group-size 64 --sym --out result.json
+    python -m minquant.bench.peers.llmcompressor_quant --method gptq --bits 4 --group-size 64 --sym --out result.json
 Prints nothing the bench needs; writes one JSON object: perplexity, quantization seconds, peak RSS.
 """
 from __future__ import annotations
