@@ -98,6 +98,7 @@ def test_already_quantized_model_is_refused(tiny_llama):
         minquant.quantize(tiny_llama, "gptq", group_size=32, calib=ids(), progress=False)
 
 
+@pytest.mark.slow
 def test_cli_quantize_gptq_on_the_real_model(tmp_path, capsys):
     from minquant.cli import main
 

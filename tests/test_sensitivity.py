@@ -140,6 +140,7 @@ def test_spearman():
         spearman([1], [1])
 
 
+@pytest.mark.slow
 def test_sensitivity_bench_on_smollm2_matches_a_direct_measurement(smollm2, tmp_path):
     """The bench's saved numbers, on a small scale, against quantizing the layer in a copy and scoring it directly."""
     import json

@@ -178,6 +178,7 @@ def gemv_sass():
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_gemv_sass_is_fast(gemv_sass):
     """What makes the batch-1 GEMV fast, read from its SASS for sm_80 and sm_90 at 8192 x 8192 g128."""
     for r in gemv_sass:

@@ -85,6 +85,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_tc_sass_is_fast():
     """8192 x 8192 g128: 16-byte weight loads (each word once), tensor-core MMAs, no I2F, no spills in any
     configuration; at M = 16 and 32 at most 5.5 SASS instructions per weight (at 64 the x side grows)."""

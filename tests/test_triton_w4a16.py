@@ -114,6 +114,7 @@ print("compiled", n)
 """
 
 
+@pytest.mark.slow
 def test_every_configuration_compiles_for_real_gpus():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, no GPU needed
     run = subprocess.run([sys.executable, "-c", COMPILE_ALL], capture_output=True, text=True, timeout=600, env=env)
@@ -183,7 +184,7 @@ def test_dispatch():
 
 
 def test_benchmark_rotates_through_copies():
-    from minquant.kernels import benchmark
+    from minquant.bench import kernels as benchmark
 
     made = []
     nxt = benchmark.rotating(lambda: made.append(len(made)) or len(made), benchmark.ROTATE_BYTES // 4)
