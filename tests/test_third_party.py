@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not PYTHON, reason="needs MINQUANT_GPTQMODEL_PYT
 LOAD_WITH_TRANSFORMERS = """
 import sys, torch, transformers
 ids = torch.load(sys.argv[2])
-qc = transformers.GPTQConfig(QuantConfig(int(sys.argv[4])), backend="torch")
+qc = transformers.GPTQConfig(bits=int(sys.argv[4]), backend="torch")
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cpu", dtype=torch.float32,
                                                           quantization_config=qc)
 kinds = {f"{type(m).__module__.split('.')[0]}.{type(m).__name__}" for m in model.modules()}
