@@ -196,7 +196,7 @@ GroupQuantizer = Callable[[dict[str, nn.Linear], torch.Tensor], None]
 
 @torch.no_grad()
 def quantize_blocks_sequential(model: nn.Module, windows: torch.Tensor, quantize_group: GroupQuantizer, *, device=None,
-                    batch_size: int = 8, replay: bool = True, progress: bool = True, desc: str = "blocks") -> dict:
+                               batch_size: int = 8, replay: bool = True, progress: bool = True, desc: str = "blocks") -> dict:
     """Run the block-by-block driver; `quantize_group({name: linear}, H)` quantizes one group in place.
 
     True sequential (GPTQ): each group's H comes from inputs that went through the already-quantized
@@ -242,7 +242,7 @@ BlockQuantizer = Callable[[str, nn.Module, list[InputStats]], None]
 
 @torch.no_grad()
 def quantize_blocks_one_pass(model: nn.Module, windows: torch.Tensor, quantize_block: BlockQuantizer, *, device=None,
-                          batch_size: int = 8, progress: bool = True, desc: str = "blocks") -> dict:
+                             batch_size: int = 8, progress: bool = True, desc: str = "blocks") -> dict:
     """The driver for methods that treat a block at once (AWQ): `quantize_block(prefix, block, stats)`.
 
     `stats[j]` are the input statistics of the block's j-th group, all from one pass of the block as

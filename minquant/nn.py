@@ -52,7 +52,7 @@ class QuantLinear(nn.Module):
         return layer
 
     def pack_weights(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    g_idx: torch.Tensor | None = None) -> None:
+                     g_idx: torch.Tensor | None = None) -> None:
         """Store minquant's (q (N, K), scale, zero (N, G), optional g_idx (K,)) in the GPTQ buffers."""
         for name, t in to_gptq(q, scale, zero, self.cfg, g_idx).items():
             getattr(self, name).copy_(t)

@@ -40,14 +40,14 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = DEFAULT_SKIP) 
 
 @torch.no_grad()
 def fake_quantize_model(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] = DEFAULT_SKIP,
-                       progress: bool = False) -> list[LayerReport]:
+                        progress: bool = False) -> list[LayerReport]:
     """Fake-quantize every linear weight in place with `cfg`; return each layer's error."""
     return _quantize_linears(model, cfg, skip, progress, pack=False)
 
 
 @torch.no_grad()
 def quantize_to_quantlinear(model: nn.Module, cfg: QuantConfig, skip: tuple[str, ...] = DEFAULT_SKIP,
-                   progress: bool = False) -> list[LayerReport]:
+                            progress: bool = False) -> list[LayerReport]:
     """RTN with real storage: replace every linear by a QuantLinear (GPTQ layout); return each layer's error."""
     return _quantize_linears(model, cfg, skip, progress, pack=True)
 

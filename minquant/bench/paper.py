@@ -37,7 +37,7 @@ def results_name(model: str) -> str:
 
 
 def run(model: str = "facebook/opt-125m", *, device=None, n_samples: int = 128, seqlen: int | None = None,
-                max_windows: int | None = None, out: Path | None = None, progress: bool = True) -> Path:
+        max_windows: int | None = None, out: Path | None = None, progress: bool = True) -> Path:
     """Run the paper's protocol on `model` (Hub id or folder) and save ours beside the paper's numbers.
 
     `max_windows`: score only the first windows of WikiText-2 test (None or 0: all of them, as the paper)."""

@@ -60,7 +60,7 @@ def sentence_embeddings(model, tokenizer, sentences: list[str], batch_size: int 
 
 
 def run(max_windows: int | None = 16, seqlen: int = 2048, device: str = "cpu",
-              out: Path | None = None) -> Path:
+        out: Path | None = None) -> Path:
     """RTN at each of RTN_CONFIGS: SmolLM2 WikiText-2 perplexity, MiniLM embedding cosine vs fp32."""
     from minquant.data import load_text
     from minquant.eval import eval_ids, perplexity

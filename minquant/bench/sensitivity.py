@@ -18,8 +18,8 @@ SENSITIVITY_SAMPLES = 16  # calibration windows the sensitivity pass (forward an
 
 
 def run(bits: int = 3, group_size: int = 64, eval_windows: int = 2, seqlen: int = 2048,
-                      names: list[str] | None = None, stats_samples: int = SENSITIVITY_SAMPLES,
-                      out: Path | None = None) -> Path:
+        names: list[str] | None = None, stats_samples: int = SENSITIVITY_SAMPLES,
+        out: Path | None = None) -> Path:
     """Proxies vs measured per-layer NLL increase on SmolLM2; data/results/sensitivity_smollm2.json.
 
     `names` (default: every block linear) are measured; the proxies cover every layer.
