@@ -21,9 +21,10 @@ from minquant.nn import QuantLinear
 from minquant.quant import QuantConfig
 
 METHODS = ("rtn", "gptq", "awq")
-# Arguments that are not a method's own settings but its calibration data and mixed precision:
-# RTN reads no data, and only GPTQ plans mixed precision. Their defaults, to tell "given" apart.
+# Arguments that are not a method's own settings but its calibration data (RTN reads none), with
+# their defaults, to tell "given" apart; and the default of mixed precision's sensitivity windows.
 DATA_OPTIONS = {"calib": "c4", "n_samples": 128, "seqlen": 512, "seed": 0, "batch_size": 8}
+SENSITIVITY_SAMPLES = 16
 
 
 def method_config(method: str, *, bits: int = 4, group_size: int = 128, sym: bool = False, full_range: bool = False,
@@ -61,8 +62,8 @@ def _describe(options: dict) -> str:
 @torch.no_grad()
 def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, group_size: int = 128, sym: bool = False,
              calib: str | torch.Tensor = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0,
-             bits_budget: float | None = None, sensitivity_samples: int = 16, device=None, batch_size: int = 8,
-             progress: bool = True, **options):
+             bits_budget: float | None = None, sensitivity_samples: int = SENSITIVITY_SAMPLES, device=None,
+             batch_size: int = 8, progress: bool = True, **options):
     """Quantize `model`'s linear layers in place into QuantLinear (GPTQ layout) and return the model.
 
     `model`: an nn.Module, or a name to load first (packaged name, local folder or Hub id, fp32).
@@ -152,7 +153,7 @@ def _check_data_options(method: str, data: dict, bits_budget, sensitivity_sample
     if bits_budget is not None and method != "gptq":
         raise ValueError(f"bits_budget={bits_budget!r}: not option(s) of method={method!r} (mixed precision is planned "
                          "for GPTQ)")
-    if bits_budget is None and sensitivity_samples != 16:
+    if bits_budget is None and sensitivity_samples != SENSITIVITY_SAMPLES:
         raise ValueError(f"sensitivity_samples={sensitivity_samples!r} is read only with bits_budget (mixed precision)")
     if not (isinstance(sensitivity_samples, int) and sensitivity_samples >= 1):
         raise ValueError(f"sensitivity_samples must be a positive integer, got {sensitivity_samples!r}")

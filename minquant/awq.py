@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from minquant.calibrate import InputStats
-from minquant.quant import QuantConfig, dequantize, grouped, quantize, storable_qparams_from_range
+from minquant.quant import QuantConfig, dequantize, grouped, round_to_grid, storable_qparams_from_range
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,9 @@ def quantize_shrunk(w: torch.Tensor, cfg: QuantConfig, shrink: torch.Tensor | fl
     """
     wg = grouped(w, cfg)
     scale, zero = storable_qparams_from_range(wg.amin(-1) * shrink, wg.amax(-1) * shrink, cfg)
-    q = quantize(w, scale, zero, cfg)
+    # round the grouped view already checked above (quantize(w, ...) would check and group w again: this
+    # runs once per alpha and per shrink ratio of the searches)
+    q = round_to_grid(wg / scale.unsqueeze(-1), zero.unsqueeze(-1), cfg).reshape(w.shape).to(torch.uint8)
     return q, scale, zero, dequantize(q, scale, zero, cfg)
 
 
@@ -268,7 +270,7 @@ def awq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: AWQConfig, 
                 quantized[f"{prefix}.{name}"] = (q.cpu(), scale.cpu(), zero.cpu())
 
     report = quantize_blocks_one_pass(model, windows, quantize_block, device=device, batch_size=batch_size,
-                                   progress=progress, desc=f"AWQ W{cfg.quant.bits}")
+                                      progress=progress, desc=f"AWQ W{cfg.quant.bits}")
     _to_quantlinears(model, quantized, cfg.quant)
     report["alphas"] = search.alphas
     return search, report

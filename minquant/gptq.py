@@ -223,14 +223,14 @@ def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQ
 
     if cfg.true_sequential:
         report = quantize_blocks_sequential(model, windows, quantize_group, device=device, batch_size=batch_size,
-                                 progress=progress, desc=f"GPTQ W{cfg.quant.bits}")
+                                            progress=progress, desc=f"GPTQ W{cfg.quant.bits}")
     else:
         def quantize_block(prefix, block, stats):
             for group, st in zip(arch.groups, stats):
                 quantize_group({f"{prefix}.{name}": block.get_submodule(name) for name in group}, st.H)
 
         report = quantize_blocks_one_pass(model, windows, quantize_block, device=device, batch_size=batch_size,
-                                       progress=progress, desc=f"GPTQ W{cfg.quant.bits}")
+                                          progress=progress, desc=f"GPTQ W{cfg.quant.bits}")
     for name, r in results.items():
         replace_linear(model, name, r.q, r.scale, r.zero, r.g_idx, (layer_cfgs.get(name) or cfg).quant)
     report["layers"] = {name: {"loss": r.loss, "damp": r.damp} for name, r in results.items()}
