@@ -101,9 +101,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     data = {"calib": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed} \
         if args.method != "rtn" else {}  # RTN takes no calibration data (and quantize says so if given any)
     # only the options given: quantize names any that the method does not have
-    flags = {"act_order": args.act_order, "static_groups": args.static_groups, "search_range": args.search_range,
-             "duo_scaling": args.duo_scaling}
+    flags = {"search_range": args.search_range, "duo_scaling": args.duo_scaling}
     options = {k: True for k, given in flags.items() if given}
+    options |= {k: v for k, v in (("act_order", args.act_order), ("static_groups", args.static_groups)) if v is not None}
     options |= {"clip": False} if args.no_clip else {}
     options |= {"true_sequential": False} if args.no_true_sequential else {}
     options |= {"damp": args.damp} if args.damp is not None else {}
@@ -121,7 +121,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     scheme = (f"mixed {model.mixed_plan.bits_per_weight:.2f} bits/weight" if args.bits_budget is not None
               else scheme_label(args.bits, args.group_size))
     print(f"\n{args.method.upper()} {scheme}{' sym' if args.sym else ''}"
-          f"{' act-order' if args.act_order else ''}: quantized in {seconds:.1f} s; "
+          f"{' act-order' if args.method == 'gptq' and args.act_order is not False else ''}: quantized in {seconds:.1f} s; "
           f"saved {out} ({size / 1e6:.1f} MB of weights)")
     if args.eval_windows:
         r = minquant.evaluate(model.float(), "wikitext2", max_windows=args.eval_windows)
@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         'minquant quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out smollm2-gptq',
         'minquant quantize smollm2-135m --method rtn --bits 8 --group-size -1 --out smollm2-w8',
         'minquant quantize smollm2-135m --method awq --bits 4 --group-size 64 --out smollm2-awq',
-        'minquant quantize meta-llama/Llama-3.2-1B --bits 4 --act-order --device cuda --out llama-gptq',
+        'minquant quantize meta-llama/Llama-3.2-1B --bits 4 --device cuda --out llama-gptq',
+        'minquant quantize smollm2-135m --no-act-order --group-size 64 --out smollm2-plain-gptq',
         'minquant quantize smollm2-135m --bits 3 --group-size 64 --eval-windows 16 --out w3',
         'minquant quantize smollm2-135m --bits-budget 3.5 --group-size 64 --out smollm2-mixed'])
     p.add_argument("model", help="packaged name (smollm2-135m), local folder, or Hugging Face id")
@@ -221,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=group_size_arg, default=128, help="-1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric (zero-point fixed at 2**(bits-1))")
     p.add_argument("--full-range", action="store_true", help="with --sym: all 2**bits levels (GPTQ's symmetric grid)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal (desc_act)")
-    p.add_argument("--static-groups", action="store_true", help="GPTQ with act-order: group ranges fixed up front")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ: columns by decreasing Hessian diagonal (desc_act); on by default, the best measured here")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ with act-order: group ranges fixed up front (on by default with act-order)")
     p.add_argument("--search-range", action="store_true", help="GPTQ: each group's range narrowed to round it best")
     p.add_argument("--no-true-sequential", action="store_true",
                    help="GPTQ: calibrate all of a block's linears on its float inputs (faster; llm-compressor's way)")

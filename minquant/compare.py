@@ -122,7 +122,8 @@ def compare(model, tokenizer=None, methods=("rtn", "gptq", "awq"), *, bits: int 
     best = None
     for method in methods:
         q = copy.deepcopy(model)
-        label = f"{method.upper()} {scheme_label(bits, group_size)}{' sym' if sym else ''}"
+        label = f"{method.upper()} {scheme_label(bits, group_size)}{' sym' if sym else ''}" + \
+            (" act-order" if method == "gptq" else "")  # minquant.quantize's default GPTQ: act-order, static groups
         if progress:
             print(f"{label} ...", flush=True)
         with PeakMemory(device) as peak:
@@ -142,10 +143,10 @@ def compare(model, tokenizer=None, methods=("rtn", "gptq", "awq"), *, bits: int 
 
 def table(entries: list[Entry]) -> str:
     """The comparison as plain text: one row per method."""
-    lines = [f"{'method':<16}{'model MB':>10}{'linears MB':>12}{'ppl':>9}{'quantize s':>12}{'peak GB':>9}"]
+    lines = [f"{'method':<24}{'model MB':>10}{'linears MB':>12}{'ppl':>9}{'quantize s':>12}{'peak GB':>9}"]
     for e in entries:
         peak = f"{e.peak_bytes / 1e9:.2f}" if e.peak_bytes else "-"
-        lines.append(f"{e.label:<16}{e.model_bytes / 1e6:>10.1f}{e.linear_bytes / 1e6:>12.1f}{e.ppl:>9.2f}"
+        lines.append(f"{e.label:<24}{e.model_bytes / 1e6:>10.1f}{e.linear_bytes / 1e6:>12.1f}{e.ppl:>9.2f}"
                      f"{e.seconds:>12.1f}{peak:>9}")
     return "\n".join(lines)
 

@@ -15,7 +15,8 @@ def ids(n=8, seqlen=16, seed=0):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_checkpoint_round_trip(tiny_llama, tmp_path, act_order):
-    model = minquant.quantize(tiny_llama, "gptq", bits=4, group_size=32, act_order=act_order, calib=ids(), progress=False)
+    model = minquant.quantize(tiny_llama, "gptq", bits=4, group_size=32, act_order=act_order, static_groups=False,
+                              calib=ids(), progress=False)
     assert model is tiny_llama and sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
     assert set(model.quantization_report["layers"]) == {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     save_quantized(model, None, tmp_path)
@@ -28,6 +29,27 @@ def test_gptq_checkpoint_round_trip(tiny_llama, tmp_path, act_order):
     x = ids(2, 12, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_gptq_defaults_to_act_order_on_static_groups(tiny_llama):
+    """The front door's GPTQ is the best measured (act-order, static groups); act_order=False is the plain sweep."""
+    import copy
+
+    from minquant.api import method_config
+    from minquant.gptq import GPTQConfig
+    from minquant.quant import QuantConfig
+
+    assert method_config("gptq", bits=4, group_size=32) == GPTQConfig(QuantConfig(4, 32), act_order=True, static_groups=True)
+    assert method_config("gptq", act_order=False) == GPTQConfig(QuantConfig(4, 128))
+    plain = minquant.quantize(copy.deepcopy(tiny_llama), "gptq", bits=4, group_size=32, act_order=False, calib=ids(),
+                              progress=False)
+    model = minquant.quantize(tiny_llama, "gptq", bits=4, group_size=32, calib=ids(), progress=False)
+    qc = model.config.quantization_config
+    assert (qc["desc_act"], qc["static_groups"]) == (True, True)
+    assert plain.config.quantization_config["desc_act"] is False
+    g = "model.layers.1.mlp.down_proj"
+    assert torch.equal(model.state_dict()[g + ".g_idx"].long(), torch.arange(128) // 32)  # static: groups in order
+    assert not torch.equal(model.state_dict()[g + ".qweight"], plain.state_dict()[g + ".qweight"])
 
 
 def test_awq_checkpoint_round_trip_and_search_reapplied(tiny_llama, tmp_path):

@@ -12,7 +12,10 @@ SCHEME = {"bits": 3, "group_size": 64, "sym": False}  # W3: where calibration ma
 SEEDS = (0, 1, 2)
 PROTOCOL = {"model": GPTQ_PROTOCOL["model"], "calibration": GPTQ_PROTOCOL["calibration"],
                   "eval": {**GPTQ_PROTOCOL["eval"], "windows": 4},  # 4 windows per run: many runs, seeds give the spread
-                  "quantized": "W3 g64 asym, GPTQ (defaults) and AWQ (defaults)"}
+                  "quantized": "W3 g64 asym, GPTQ (defaults), GPTQ act-order with static groups, and AWQ (defaults)"}
+# label prefix -> minquant.quantize method and options; act-order on static groups is 07's best GPTQ
+METHODS = {"GPTQ": ("gptq", {}), "GPTQ act-order static": ("gptq", {"act_order": True, "static_groups": True}),
+           "AWQ": ("awq", {})}
 
 
 def entries() -> list[tuple[str, dict]]:
@@ -20,18 +23,18 @@ def entries() -> list[tuple[str, dict]]:
     out = [("RTN (no calibration)", {"method": "rtn", **SCHEME})]
     points = ([("c4", 128, 512), ("wikitext2", 128, 512), ("random", 128, 512)]
               + [("c4", n, 512) for n in (8, 32)] + [("c4", 32, L) for L in (128, 2048)])
-    for method in ("gptq", "awq"):
+    for prefix, (method, options) in METHODS.items():
         for source, n, seqlen in points:
             for seed in SEEDS:
-                label = f"{method.upper()} {source} {n}x{seqlen} seed {seed}"
-                out.append((label, {"method": method, **SCHEME,
-                                    "calib": {"source": source, "n_samples": n, "seqlen": seqlen, "seed": seed}}))
+                out.append((f"{prefix} {source} {n}x{seqlen} seed {seed}",
+                            {"method": method, **SCHEME, **options,
+                             "calib": {"source": source, "n_samples": n, "seqlen": seqlen, "seed": seed}}))
     # Windows of 2048 can only come from the few C4 documents that long (32 of 1000 in the slice): the
     # same short windows drawn from those documents only separate "which text" from "how long".
-    for method in ("gptq", "awq"):
+    for prefix, (method, options) in METHODS.items():
         for seed in SEEDS:
-            out.append((f"{method.upper()} c4 long-documents 32x128 seed {seed}",
-                        {"method": method, **SCHEME,
+            out.append((f"{prefix} c4 long-documents 32x128 seed {seed}",
+                        {"method": method, **SCHEME, **options,
                          "calib": {"source": "c4", "n_samples": 32, "seqlen": 128, "seed": seed, "min_doc_tokens": 2048}}))
     return out
 

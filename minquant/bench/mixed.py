@@ -1,9 +1,10 @@
-"""`minquant bench mixed`: mixed-precision GPTQ against uniform GPTQ on SmolLM2 (notebooks 09, 10).
+"""`minquant bench mixed`: mixed-precision GPTQ against uniform GPTQ and AWQ on SmolLM2 (notebooks 09, 10).
 
 Same protocol as `minquant bench gptq` (calibration 128 x 512 tokens of C4, seed 0; WikiText-2 test,
 seqlen 2048, first 16 windows). GPTQ with bits and group size per layer at the bits per weight of
-uniform W3 g64 and W4 g64 (and a few budgets between, for the curve), next to uniform GPTQ at other
-group sizes; uniform GPTQ's numbers at W3/W4 g64 come from the GPTQ sweep's file.
+uniform W3 g64 and W4 g64 (and a few budgets between, for the curve), both with GPTQ's defaults and
+with act-order on static groups (07's best setting), next to uniform GPTQ at other group sizes;
+uniform GPTQ's numbers at W3/W4 g64 come from the GPTQ sweep's file, AWQ's from the AWQ sweep's.
 """
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ SMOLLM2_BLOCK = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 5
 PROTOCOL = {**{k: GPTQ_PROTOCOL[k] for k in ("model", "calibration", "eval")},
             "mixed": {"options": "2/3/4/8 bits at g32/g64/g128/per-channel (asym), or fp16",
                       "proxy": "fisher (K-FAC diagonal), RTN weights", "sensitivity_samples": SENSITIVITY_SAMPLES,
-                      "tied": "q/k/v and gate/up share a config", "quantizer": "GPTQ, defaults"}}
+                      "tied": "q/k/v and gate/up share a config",
+                      "quantizer": "GPTQ, defaults; and GPTQ act-order with static groups (labels '... act-order static')"}}
+ACT_ORDER = {"act_order": True, "static_groups": True}
 
 
-def budget_label(bpw: float) -> str:
+def budget_label(bpw: float, act_order: bool = False) -> str:
     named = {W3_G64: " (= W3 g64)", W4_G64: " (= W4 g64)"}
-    return f"mixed {bpw:.3f} bpw{named.get(bpw, '')}"
+    return f"mixed {bpw:.3f} bpw{named.get(bpw, '')}" + (" act-order static" if act_order else "")
 
 
 def entries() -> list[tuple[str, dict]]:
@@ -39,6 +42,15 @@ def entries() -> list[tuple[str, dict]]:
         out.append((f"GPTQ {scheme_label(bits, g, False)}", {"method": "gptq", "bits": bits, "group_size": g, "sym": False}))
     out += [(budget_label(b), {"method": "gptq", "bits": 4, "group_size": 64, "sym": False, "bits_budget": b,
                                "sensitivity_samples": SENSITIVITY_SAMPLES}) for b in BUDGETS if b not in (W3_G64, W4_G64)]
+    # the same with act-order on static groups: the named budgets first, then the uniform points, then the curve
+    budgets = [W3_G64, W4_G64] + [b for b in BUDGETS if b not in (W3_G64, W4_G64)]
+    out += [(budget_label(b, True), {"method": "gptq", "bits": 4, "group_size": 64, "sym": False, "bits_budget": b,
+                                     "sensitivity_samples": SENSITIVITY_SAMPLES, **ACT_ORDER}) for b in budgets[:2]]
+    for bits, g in [(3, 32), (4, 32)]:
+        out.append((f"GPTQ {scheme_label(bits, g, False)} act-order static",
+                    {"method": "gptq", "bits": bits, "group_size": g, "sym": False, **ACT_ORDER}))
+    out += [(budget_label(b, True), {"method": "gptq", "bits": 4, "group_size": 64, "sym": False, "bits_budget": b,
+                                     "sensitivity_samples": SENSITIVITY_SAMPLES, **ACT_ORDER}) for b in budgets[2:]]
     return out
 
 

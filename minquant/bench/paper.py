@@ -67,7 +67,8 @@ def run(model: str = "facebook/opt-125m", *, device=None, n_samples: int = 128, 
     for label, method, bits in ENTRIES:
         q = copy.deepcopy(float_model)
         start = time.perf_counter()
-        options = {"damp": 0.01, "true_sequential": False} if method == "gptq" else {}
+        # the paper's GPTQ: plain column order (the front door's default is act-order)
+        options = {"damp": 0.01, "true_sequential": False, "act_order": False} if method == "gptq" else {}
         options |= {"calib": windows} if method != "rtn" else {}  # RTN takes no calibration data
         minquant.quantize(q, method, tokenizer=tokenizer, bits=bits, group_size=-1, sym=False,
                           device=device, progress=progress, **options)

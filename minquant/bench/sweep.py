@@ -123,9 +123,11 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
             model = copy.deepcopy(float_model)
             start = time.perf_counter()
             if spec["method"] != "fp32":
+                args = {k: v for k, v in spec.items() if k in QUANTIZE_ARGS}
+                if spec["method"] == "gptq":  # a label names every option off plain GPTQ, not the API's defaults
+                    args = {"act_order": False, "static_groups": False, **args}
                 data = {} if spec["method"] == "rtn" else {"calib": windows}  # RTN takes no calibration data
-                minquant.quantize(model, spec["method"], **{k: v for k, v in spec.items() if k in QUANTIZE_ARGS},
-                                  progress=False, **data)
+                minquant.quantize(model, spec["method"], **args, progress=False, **data)
             seconds = time.perf_counter() - start
             ppl = perplexity(model, data=ids, seqlen=ev["seqlen"], max_windows=ev["windows"], progress=False)
             results[label] = {**spec, "ppl": ppl.ppl, "quantize_seconds": seconds}
