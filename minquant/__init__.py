@@ -41,7 +41,7 @@ minquant/                 the library the course builds (one idea per module; do
   compare.py              one model quantized several ways, measured alike; the demo        (10)
   meter.py                peak memory while code runs
   cache.py                where built things are kept (MINQUANT_CACHE)
-  course.py               the notebooks' exercise checks
+  course/                 the notebooks' exercise checks; answers_NN.py hold each notebook's hidden answers
   cli.py, __main__.py     the `minquant` command
   bench/                  benchmarks: never imported by the library
     registry.py           every benchmark by name, for the CLI and the README writer

@@ -253,9 +253,10 @@ def test_each_method_is_configured_by_its_own_config():
     grid = QuantConfig(3, 64, symmetric=True, full_range=True)
     assert method_config("rtn", bits=3, group_size=64, sym=True, full_range=True) == grid
     assert method_config("gptq", bits=3, group_size=64, sym=True, full_range=True, act_order=True) == \
-        GPTQConfig(grid, act_order=True)
+        GPTQConfig(grid, act_order=True, static_groups=True)
+    assert method_config("gptq", bits=3, group_size=64, sym=True, full_range=True, act_order=False) == GPTQConfig(grid)
     assert method_config("awq", bits=3, group_size=64, sym=True, full_range=True, clip=False) == AWQConfig(grid, clip=False)
     with pytest.raises(ValueError, match=r"damp=0.1: not option\(s\) of method='awq' \(its options: clip, clip_grid"):
         method_config("awq", damp=0.1)
     with pytest.raises(ValueError, match="static_groups is a variant of act_order"):
-        method_config("gptq", static_groups=True)
+        method_config("gptq", act_order=False, static_groups=True)

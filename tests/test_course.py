@@ -113,3 +113,138 @@ def _sections(cfg: str):
     parser = configparser.ConfigParser(interpolation=None)
     parser.read_string(cfg)
     return [parser[s] for s in parser.sections()]
+
+
+# --- exercises whose answers are computed by minquant.course, never shown in the notebook -----------
+
+from minquant import course  # noqa: E402
+from minquant.course import check_answer, check_function  # noqa: E402
+
+
+@course.answer("test.1")
+def _toy_reference(x, scale):  # the shape of a real answer module: a reference and its hidden cases
+    return (x / scale).round(), x.abs().amax()
+
+
+@course.cases("test.1")
+def _toy_cases():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 8, generator=g), 0.1), (torch.zeros(3), 1.0)]
+
+
+@course.answer("test.2")
+def _toy_value():
+    return 0.5 * 3
+
+
+def test_check_function_accepts_a_right_function_and_keeps_inputs_fresh(capsys):
+    def right(x, scale):
+        out = (x / scale).round(), x.abs().amax()
+        x.zero_()  # a learner's function that scribbles on its input: the reference still gets the original
+        return out
+    assert check_function("test.1", right) is True
+    assert capsys.readouterr().out == "correct: all 2 cases agree\n"
+
+
+def test_check_function_reports_what_is_off_without_the_expected_value(capsys):
+    assert check_function("test.1", lambda x, s: ((x / s).floor(), x.abs().amax()), hint="round") is False
+    out = capsys.readouterr().out
+    assert out.startswith("not quite: case 1 of 2 ((4, 8), 0.1), output 0: ") and "the largest by 1" in out
+    assert out.rstrip().endswith("hint: round")
+    assert check_function("test.1", lambda x, s: (x / s).round()) is False
+    assert "returned 1 value(s), expected 2" in capsys.readouterr().out
+    assert check_function("test.1", lambda x, s: ((x / s).round().T, x.abs().amax())) is False
+    assert "has shape (8, 4), expected (4, 8)" in capsys.readouterr().out
+    assert check_function("test.1", lambda x, s: 1 / 0) is False
+    assert "raised ZeroDivisionError" in capsys.readouterr().out
+
+
+def test_a_stub_is_not_answered_yet(capsys):
+    def stub(x, scale):
+        raise NotImplementedError
+    assert check_function("test.1", stub, hint="divide, then round") is False
+    assert check_answer("test.2", None) is False
+    assert capsys.readouterr().out.splitlines() == ["not answered yet; hint: divide, then round",
+                                                    "not answered yet"]
+
+
+def test_check_answer_compares_with_the_hidden_value(capsys):
+    assert check_answer("test.2", 1.5) is True
+    assert check_answer("test.2", 1.6) is False
+    with pytest.raises(KeyError, match="no exercise '99.9'"):
+        check_answer("99.9", 1.0)
+
+
+def _sections_of(path):
+    """(exercise cells, solution cells) of a notebook: the code cells under its Exercises heading
+    up to its Solutions heading, and those after it."""
+    cells = json.loads(path.read_text())["cells"]
+    heads = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown"]
+    first = {i: "".join(cells[i]["source"]).splitlines()[0] for i in heads if cells[i]["source"]}
+    ex = [i for i, line in first.items() if re.match(r"^## (\d+\. )?Exercises", line)]
+    sol = [i for i, line in first.items() if line.startswith("### Solutions")]
+    assert len(ex) == 1 and len(sol) == 1 and ex[0] < sol[0], \
+        f"{path.name}: one '## Exercises' heading, then one '### Solutions' heading"
+    code = lambda lo, hi: [c for c in cells[lo:hi] if c["cell_type"] == "code"]  # noqa: E731
+    return code(ex[0], sol[0]), code(sol[0], len(cells))
+
+
+CHECKED = re.compile(r"""check_(answer|function)\(\s*["'](\d\d\.\d+)["']""")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercise_cells_never_hold_their_answers(path):
+    exercises, solutions = _sections_of(path)
+    for cell in exercises:
+        source = "".join(cell["source"])
+        # `check(answer, expected)` would put the expected value in the learner's view
+        assert not re.search(r"(?<![\w.])check\(", source), \
+            f"{path.name}: an exercise checks with check_answer/check_function, whose answers are hidden:\n{source[:300]}"
+    asked = {m[1] for c in exercises for m in CHECKED.findall("".join(c["source"]))}
+    solved = {m[1] for c in solutions for m in CHECKED.findall("".join(c["source"]))}
+    assert asked, f"{path.name}: no checked exercise"
+    assert asked == solved, f"{path.name}: exercises {sorted(asked)} but solutions check {sorted(solved)}"
+    for cell in solutions:
+        assert not cell.get("outputs"), f"{path.name}: a Solutions cell is committed without outputs " \
+            f"(python notebooks/execute.py {path.relative_to(path.parent.parent)}):\n{''.join(cell['source'])[:200]}"
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name[:2] >= "03"], ids=lambda p: p.stem)
+def test_from_notebook_03_on_the_learner_writes_a_function(path):
+    exercises, _ = _sections_of(path)
+    sources = ["".join(c["source"]) for c in exercises]
+    assert any("raise NotImplementedError" in s for s in sources), f"{path.name}: no function stub to fill in"
+    assert any("check_function(" in s for s in sources), f"{path.name}: no check_function exercise"
+
+
+def _exercise_ids(kind):
+    found = set()
+    for path in NOTEBOOKS:
+        for source in _code_cells(path):
+            found |= {m[1] for m in CHECKED.findall(source) if m[0] == kind}
+    return sorted(found)
+
+
+def _perturbed(x):
+    if isinstance(x, (tuple, list)):
+        return type(x)(_perturbed(v) for v in x)
+    return x + 1 if isinstance(x, torch.Tensor) and x.dtype != torch.bool else ~x if isinstance(x, torch.Tensor) else x + 1
+
+
+@pytest.mark.parametrize("exercise", _exercise_ids("function"))
+def test_each_function_exercise_passes_its_reference_and_fails_a_wrong_one(exercise, capsys):
+    reference = course._lookup(course._ANSWERS, exercise)
+    cases = course._lookup(course._CASES, exercise)
+    assert len(cases()) >= 2, "try the learner's function on more than one case"
+    for a, b in zip(cases(), cases()):  # seeded: the same cases every run
+        for x, y in zip(a, b):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert check_function(exercise, reference) is True
+    assert check_function(exercise, lambda *args: _perturbed(reference(*args))) is False
+    assert "not quite" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exercise", _exercise_ids("answer"))
+def test_each_answer_exercise_has_a_value(exercise):
+    value = course._lookup(course._ANSWERS, exercise)()
+    assert value is not None and value is not ...
