@@ -32,7 +32,7 @@ class FloatFormat:
     exp_bits: int
     man_bits: int
     bias: int
-    has_inf: bool = True  # False: overflow saturates to +-max (what torch's float8_e4m3fn cast does)
+    has_inf: bool = True  # False: overflow saturates to +-max (recent torch's float8_e4m3fn cast does too; older ones give NaN)
     # NaN patterns. ieee: exponent all ones and mantissa != 0; all_ones: only S.1..1.1..1 (e4m3fn).
     nan: Literal["ieee", "all_ones"] = "ieee"
 
@@ -151,8 +151,8 @@ def grid(fmt: Format) -> torch.Tensor:
 def round_to_format(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Round every element of `x` to the nearest value of `fmt` (ties to even): same shape and dtype.
 
-    Overflow follows torch's casts: to inf for formats with inf, to +-max for fp8_e4m3 (which has
-    none); integers saturate to [min, max]. NaN stays NaN. For float64 input the rounding is done
+    Overflow: to inf for formats with inf, to +-max for fp8_e4m3 (which has none; recent torch
+    casts saturate the same way, older ones give NaN above 464); integers saturate to [min, max]. NaN stays NaN. For float64 input the rounding is done
     once, from the exact value (torch's float64 -> fp16 cast goes through float32 and can round twice).
     NF4 (a table): the nearest of its 16 values; an exact tie goes to the lower one.
     """

@@ -27,7 +27,13 @@ def fmt_id(fmt):
 
 
 def torch_round(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
-    """The independent reference: torch's cast to the real dtype and back."""
+    """The independent reference: torch's cast to the real dtype and back.
+
+    e4m3fn has no inf, and what torch's cast does past its max differs between releases (recent ones
+    saturate to +-448, older ones give NaN above 464): the reference saturates first, as minquant and
+    serving code do, so the test holds on every torch that pyproject.toml allows."""
+    if not fmt.has_inf:
+        x = x.clamp(-fmt.max, fmt.max)
     return x.to(DTYPES[fmt]).to(x.dtype)
 
 
@@ -169,7 +175,7 @@ def test_overflow_by_format():
     # e5m2's max 57344 = 1.11 * 2^15, quantum 2^13: up to the tie at 61440 it rounds down, at the tie up.
     assert round_to_format(torch.tensor([61439.0, 61440.0]), FP8_E5M2).tolist() == [57344.0, math.inf]
     assert torch.equal(round_to_format(x, FP8_E4M3), torch.tensor([448.0, 448.0, -448.0]))
-    assert round_to_format(torch.tensor([math.inf]), FP8_E4M3).item() == 448.0  # as torch's cast
+    assert round_to_format(torch.tensor([math.inf]), FP8_E4M3).item() == 448.0  # saturates, as recent torch's cast
 
 
 @settings(max_examples=300, deadline=None)

@@ -12,7 +12,7 @@ SCHEME = {"bits": 3, "group_size": 64, "sym": False}  # W3: where calibration ma
 SEEDS = (0, 1, 2)
 PROTOCOL = {"model": GPTQ_PROTOCOL["model"], "calibration": GPTQ_PROTOCOL["calibration"],
                   "eval": {**GPTQ_PROTOCOL["eval"], "windows": 4},  # 4 windows per run: many runs, seeds give the spread
-                  "quantized": "W3 g64 asym, GPTQ (defaults), GPTQ act-order with static groups, and AWQ (defaults)"}
+                  "quantized": "W3 g64 asym, plain GPTQ (the paper's column order), GPTQ act-order with static groups (the front door's default), and AWQ (defaults)"}
 # label prefix -> minquant.quantize method and options; act-order on static groups is 07's best GPTQ
 METHODS = {"GPTQ": ("gptq", {}), "GPTQ act-order static": ("gptq", {"act_order": True, "static_groups": True}),
            "AWQ": ("awq", {})}

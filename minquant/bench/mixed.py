@@ -59,29 +59,36 @@ def run(only: list[str] | None = None, redo: bool = False, out: Path | None = No
     return run_sweep(NAME, PROTOCOL, entries(), only=only, redo=redo, out=out or RESULTS_DIR / f"{NAME}.json")
 
 
-def table(record: dict, gptq: dict | None = None) -> str:
-    """Markdown: perplexity at each bits per weight, uniform GPTQ (this sweep and the GPTQ sweep's) and mixed."""
+def table(record: dict, gptq: dict | None = None, awq: dict | None = None) -> str:
+    """Markdown: perplexity at each bits per weight: mixed, and every uniform method measured on the same
+    protocol (this sweep's GPTQ, the GPTQ sweep's plain and act-order rows, the AWQ sweep's), so that
+    mixed precision is read against the strongest uniform baseline at equal bytes."""
     from minquant.mixed import uniform_bits_per_weight
     from minquant.quant import QuantConfig
 
     r, p = record["results"], record["protocol"]
     g = (gptq or load_results("gptq_smollm2", missing_ok=True) or {}).get("results", {})  # uniform GPTQ, same protocol
+    a = (awq or load_results("awq_smollm2", missing_ok=True) or {}).get("results", {})    # uniform AWQ, same protocol
 
     def uniform_bpw(bits, gs):  # over one SmolLM2 block's linears (every block is the same)
         return float(uniform_bits_per_weight(SMOLLM2_BLOCK, QuantConfig(bits, gs)))
 
     rows = []
-    for label, v in {**{k: v for k, v in g.items() if k in {f"GPTQ {scheme_label(b, gs, False)}" for b in (3, 4) for gs in (64, -1)}},
+    uniform = {f"GPTQ {scheme_label(b, gs, False)}{variant}" for b in (3, 4) for gs in (64, -1)
+               for variant in ("", " act-order static")}
+    for label, v in {**{k: v for k, v in g.items() if k in uniform},
+                     **{k: v for k, v in a.items() if k in {f"AWQ {scheme_label(b, 64, False)}" for b in (3, 4)}},
                      **r}.items():
         bpw = v.get("bits_per_weight") or uniform_bpw(v["bits"], v["group_size"])
         counts = ", ".join(f"{label}: {n}" for label, n in v["plan_counts"].items()) if "plan_counts" in v else ""
         rows.append((bpw, label, v["ppl"], v["quantize_seconds"], counts))
     lines = [f"SmolLM2-135M, WikiText-2 test perplexity (first {p['eval']['windows']} windows of {p['eval']['seqlen']}) "
              f"vs bits per weight of the block linears (values, fp16 scales and zero-points counted as "
-             f"`minquant.memory` counts them). All GPTQ with calibration {p['calibration']['n_samples']} x "
+             f"`minquant.memory` counts them). Every method calibrated on {p['calibration']['n_samples']} x "
              f"{p['calibration']['seqlen']} tokens of C4; mixed: {p['mixed']['options']}, chosen per layer by the "
              f"{p['mixed']['proxy']} proxy from {p['mixed']['sensitivity_samples']} windows; {p['mixed']['tied']}. "
-             + (f"fp32: {g['fp32']['ppl']:.2f}. " if "fp32" in g else "")
+             + (f"The Q4_1 baseline (SmolLM2 dequantized from its Q4_1 file, the \"fp32\" rows): {g['fp32']['ppl']:.2f}. "
+                if "fp32" in g else "")
              + (f"Measured by `minquant bench mixed` on {record['machine']['cpu']} ({record['machine']['cores']} cores), "
                 f"last entry {max(v['measured'] for v in r.values())[:10]}." if r else ""), "",
              "| bits per weight | scheme | perplexity | seconds | layers per config (mixed) |", "|---:|---|---:|---:|---|"]
