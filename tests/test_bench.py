@@ -96,13 +96,21 @@ def test_mixed_and_calibration_sweeps_and_tables():
         "mixed 3.297 bpw (= W3 g64)": {**specs["mixed 3.297 bpw (= W3 g64)"], "ppl": 40.0, "quantize_seconds": 300.4,
                                        "bits_per_weight": 3.29, "plan_counts": {"W3 g64": 100, "W4 g32": 110},
                                        "measured": "2026-01-05 00:00 UTC"}}}
-    gptq = {"results": {"fp32": {"ppl": 20.0}, "GPTQ W3 g64 asym": {"bits": 3, "group_size": 64, "ppl": 56.0, "quantize_seconds": 169.0}}}
-    table = mixed_table(record, gptq)
+    gptq = {"results": {"fp32": {"ppl": 20.0}, "GPTQ W3 g64 asym": {"bits": 3, "group_size": 64, "ppl": 56.0, "quantize_seconds": 169.0},
+                        "GPTQ W3 g64 asym act-order static": {"bits": 3, "group_size": 64, "ppl": 43.0, "quantize_seconds": 176.0},
+                        "GPTQ W3 g64 asym act-order": {"bits": 3, "group_size": 64, "ppl": 48.0, "quantize_seconds": 178.0}}}
+    awq = {"results": {"AWQ W3 g64 asym": {"bits": 3, "group_size": 64, "ppl": 42.5, "quantize_seconds": 298.0},
+                       "AWQ W3 g64 asym no-clip": {"bits": 3, "group_size": 64, "ppl": 51.0, "quantize_seconds": 313.0}}}
+    table = mixed_table(record, gptq, awq)
     assert "| 3.290 | mixed 3.297 bpw (= W3 g64) | 40.00 | 300 | W3 g64: 100, W4 g32: 110 |" in table
-    assert "| 3.297 | GPTQ W3 g64 asym | 56.00 | 169 |  |" in table and "fp32: 20.00" in table
+    assert "| 3.297 | GPTQ W3 g64 asym | 56.00 | 169 |  |" in table and '"fp32" rows): 20.00' in table
+    # the strongest uniform baselines at the same bytes are in the table, the variants that are not are not
+    assert "| 3.297 | GPTQ W3 g64 asym act-order static | 43.00 | 176 |  |" in table
+    assert "| 3.297 | AWQ W3 g64 asym | 42.50 | 298 |  |" in table and "no-clip" not in table and "act-order |" not in table
     calib = dict(calibration.entries())
     assert calib["GPTQ random 128x512 seed 2"]["calib"] == {"source": "random", "n_samples": 128, "seqlen": 512, "seed": 2}
-    assert calib["AWQ c4 long-documents 32x128 seed 1"]["calib"]["min_doc_tokens"] == 2048 and len(calib) == 49
+    assert calib["AWQ c4 long-documents 32x128 seed 1"]["calib"]["min_doc_tokens"] == 2048 and len(calib) == 73
+    assert calib["GPTQ act-order static c4 8x512 seed 0"]["act_order"] and not calib["GPTQ c4 8x512 seed 0"].get("act_order")  # plain: the sweep runs GPTQ entries with act_order off unless named
     assert calibration.PROTOCOL["eval"]["windows"] == 4
     rec = {"protocol": calibration.PROTOCOL, "machine": {"cpu": "X", "cores": 2}, "results": {
         "GPTQ c4 8x512 seed 0": {"ppl": 50.0}, "GPTQ c4 8x512 seed 1": {"ppl": 54.0}, "RTN (no calibration)": {"ppl": 70.0}}}
