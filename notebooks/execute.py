@@ -1,6 +1,7 @@
 """Re-execute notebooks in place, then clear the outputs of their Solutions cells.
 
     python notebooks/execute.py notebooks/07_gptq.ipynb [more.ipynb ...]
+    python notebooks/execute.py --timings notebooks/*.ipynb    # seconds per section, from the last execution
 
 Outputs are committed (nbval compares them in CI), except under a notebook's "### Solutions" heading:
 a solution's output would show the learner every answer. Those cells start with # NBVAL_IGNORE_OUTPUT,
@@ -8,6 +9,7 @@ so nbval runs them, and their asserts are their test, without comparing what the
 Run with MINQUANT_DATA set, from the repository root or anywhere (cells run in notebooks/).
 """
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import nbformat
@@ -25,6 +27,29 @@ def clear_solutions(nb) -> int:
     return cleared
 
 
+def section_seconds(nb) -> list[tuple[str, float]]:
+    """(section heading, seconds its code cells took) from the timestamps the last execution recorded;
+    the cells before the first "## " heading count as "setup"."""
+    sections = [["setup", 0.0]]
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":  # a heading may sit under a cell's first lines
+            sections += [[line[3:].strip(), 0.0] for line in cell.source.splitlines() if line.startswith("## ")]
+        elif cell.cell_type == "code" and "execution" in cell.metadata:
+            t = cell.metadata["execution"]
+            start, end = (datetime.fromisoformat(t[k].replace("Z", "+00:00"))
+                          for k in ("iopub.execute_input", "shell.execute_reply"))
+            sections[-1][1] += (end - start).total_seconds()
+    return [(name, sec) for name, sec in sections if sec > 0 or name != "setup"]
+
+
+def timings(paths):
+    print("| notebook | section: seconds | total |\n|---|---|---:|")
+    for path in map(Path, paths):
+        parts = section_seconds(nbformat.read(path, as_version=4))
+        listed = "; ".join(f"{name} {sec:.0f} s" for name, sec in parts)
+        print(f"| {path.stem} | {listed} | {sum(sec for _, sec in parts):.0f} s |")
+
+
 def main(paths):
     for path in map(Path, paths):
         nb = nbformat.read(path, as_version=4)
@@ -35,4 +60,5 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or sys.exit(__doc__))
+    args = sys.argv[1:] or sys.exit(__doc__)
+    timings(args[1:]) if args[0] == "--timings" else main(args)
