@@ -43,10 +43,11 @@ def section_seconds(nb) -> list[tuple[str, float]]:
 
 
 def timings(paths):
-    print("| notebook | section: seconds | total |\n|---|---|---:|")
+    print("| notebook | seconds per section (setup = the cells before section 1) | total |\n|---|---|---:|")
     for path in map(Path, paths):
         parts = section_seconds(nbformat.read(path, as_version=4))
-        listed = "; ".join(f"{name} {sec:.0f} s" for name, sec in parts)
+        short = lambda name: "§" + name.split(".")[0] if name[0].isdigit() else name  # noqa: E731  ("§3" for "3. ...")
+        listed = ", ".join(f"{short(name)} {sec:.0f}" for name, sec in parts)
         print(f"| {path.stem} | {listed} | {sum(sec for _, sec in parts):.0f} s |")
 
 
