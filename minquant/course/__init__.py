@@ -51,6 +51,40 @@ def _lookup(table: dict, exercise: str) -> Callable:
     return table[exercise]
 
 
+def layer_inputs(name: str, layer: str, n: int = 24, seqlen: int = 512, seed: int = 0) -> tuple:
+    """(weight, inputs (n * seqlen, in_features)) of one linear of a packaged model, on n C4 windows:
+    how notebooks 07 and 08 build their real layer, for their answer modules. The forward pass stops
+    at the layer (StopForward), so only the blocks before it run."""
+    key = (name, layer, n, seqlen, seed)
+    if key not in _LAYER_INPUTS:
+        import torch
+
+        from minquant.calibrate import StopForward
+        from minquant.data import calibration_windows
+
+        model, tok = load_model_quietly(name)
+        xs = []
+
+        def grab(module, args):
+            xs.append(args[0].reshape(-1, args[0].shape[-1]))
+            raise StopForward
+        handle = model.get_submodule(layer).register_forward_pre_hook(grab)
+        try:
+            with torch.no_grad():
+                for batch in calibration_windows("c4", tok, n=n, seqlen=seqlen, seed=seed).split(8):
+                    try:
+                        model(batch, use_cache=False)
+                    except StopForward:
+                        pass
+        finally:
+            handle.remove()
+        _LAYER_INPUTS[key] = (model.get_submodule(layer).weight.data.clone(), torch.cat(xs))
+    return _LAYER_INPUTS[key]
+
+
+_LAYER_INPUTS: dict = {}
+
+
 def check_answer(exercise: str, answer, rel: float = 1e-3, hint: str = "") -> bool:
     """Compare a learner's `answer` with exercise `exercise`'s expected value, computed here and not shown."""
     expected = _lookup(_ANSWERS, exercise)

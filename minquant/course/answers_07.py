@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from minquant.course import answer, cases, load_model_quietly
+from minquant.course import answer, cases, layer_inputs
 from minquant.gptq import GPTQConfig, gptq_quantize
 from minquant.quant import QuantConfig, fake_quantize
 
@@ -19,30 +19,10 @@ LAYER = "model.layers.2.mlp.down_proj"
 @functools.cache
 def _real_layer():
     """(W, H from the 16 calibration windows, the 8 held-out windows' inputs) of notebook 07's LAYER."""
-    from minquant.calibrate import StopForward
-    from minquant.data import calibration_windows
-
-    model, tok = load_model_quietly("smollm2-135m")
-    windows = calibration_windows("c4", tok, n=24, seqlen=512, seed=0)
-    xs = []
-
-    def grab(module, args):
-        xs.append(args[0].reshape(-1, args[0].shape[-1]))
-        raise StopForward
-    handle = model.get_submodule(LAYER).register_forward_pre_hook(grab)
-    try:
-        with torch.no_grad():
-            for batch in windows.split(8):
-                try:
-                    model(batch, use_cache=False)
-                except StopForward:
-                    pass
-    finally:
-        handle.remove()
-    X = torch.cat(xs)
+    W, X = layer_inputs("smollm2-135m", LAYER)
     X_cal, X_test = X[:16 * 512], X[16 * 512:]
     H = 2 * X_cal.T @ X_cal / X_cal.shape[0]
-    return model.get_submodule(LAYER).weight.data.clone(), H, X_test
+    return W, H, X_test
 
 
 def _test_error(W, W_hat, X_test):

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from minquant.course import answer, cases, load_model_quietly
+from minquant.course import answer, cases, layer_inputs
 from minquant.quant import QuantConfig, fake_quantize
 
 LAYER = "model.layers.2.mlp.up_proj"
@@ -18,28 +18,8 @@ CFG3 = QuantConfig(bits=3, group_size=64)
 @functools.cache
 def _real_layer():
     """(W, the 16 calibration windows' inputs, the 8 held-out windows' inputs) of notebook 08's LAYER."""
-    from minquant.calibrate import StopForward
-    from minquant.data import calibration_windows
-
-    model, tok = load_model_quietly("smollm2-135m")
-    windows = calibration_windows("c4", tok, n=24, seqlen=512, seed=0)
-    xs = []
-
-    def grab(module, args):
-        xs.append(args[0].reshape(-1, args[0].shape[-1]))
-        raise StopForward
-    handle = model.get_submodule(LAYER).register_forward_pre_hook(grab)
-    try:
-        with torch.no_grad():
-            for batch in windows.split(8):
-                try:
-                    model(batch, use_cache=False)
-                except StopForward:
-                    pass
-    finally:
-        handle.remove()
-    X = torch.cat(xs)
-    return model.get_submodule(LAYER).weight.data.clone(), X[:16 * 512], X[16 * 512:]
+    W, X = layer_inputs("smollm2-135m", LAYER)
+    return W, X[:16 * 512], X[16 * 512:]
 
 
 def _test_error(W_hat):
