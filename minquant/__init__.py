@@ -41,7 +41,9 @@ minquant/                 the library the course builds (one idea per module; do
   compare.py              one model quantized several ways, measured alike; the demo        (10)
   meter.py                peak memory while code runs
   cache.py                where built things are kept (MINQUANT_CACHE)
-  course/                 the notebooks' exercise checks; answers_NN.py hold each notebook's hidden answers
+  course/                 the notebooks' exercise checks (__init__.py: check_answer, check_function)
+    answers_01.py answers_02.py answers_03.py answers_04.py answers_05.py
+    answers_06.py answers_07.py answers_08.py answers_09.py answers_10.py   each notebook's hidden answers
   cli.py, __main__.py     the `minquant` command
   bench/                  benchmarks: never imported by the library
     registry.py           every benchmark by name, for the CLI and the README writer

@@ -186,7 +186,10 @@ def test_no_private_names_imported_across_modules(minquant_imports):
 
 
 def test_the_library_never_imports_the_benchmarks(minquant_imports):
-    found = bench_imports(minquant_imports, BENCH, BENCH_ALLOWED)
+    # the notebooks' answer modules are the hidden half of the notebooks, which read data/results/ through
+    # minquant.bench: they may too (nothing in the library imports them)
+    answers = {imp.importer for imp in minquant_imports if imp.importer.startswith("minquant.course.answers_")}
+    found = bench_imports(minquant_imports, BENCH, BENCH_ALLOWED | answers)
     assert not found, f"library modules importing {BENCH} (only {sorted(BENCH_ALLOWED)} may):\n" + "\n".join(found)
 
 
