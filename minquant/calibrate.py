@@ -257,6 +257,24 @@ def quantize_blocks_one_pass(model: nn.Module, windows: torch.Tensor, quantize_b
     return _drive(model, windows, work, device=device, batch_size=batch_size, progress=progress, desc=desc)
 
 
+BlockWorker = Callable[[str, nn.Module, list, list[dict]], None]
+
+
+@torch.no_grad()
+def for_each_block(model: nn.Module, windows: torch.Tensor, work: BlockWorker, *, device=None, batch_size: int = 8,
+                   progress: bool = True, desc: str = "blocks") -> dict:
+    """The driver for methods that read a block's inputs themselves (SmoothQuant, W8A8 calibration):
+    `work(prefix, block, inputs, kwargs)` with the block on `device` and, per batch, what it receives
+    (`run_block(block, x, kw)` runs it); the next block receives the changed block's outputs."""
+    return _drive(model, windows, lambda prefix, block, inputs, kwargs, replays: work(prefix, block, inputs, kwargs),
+                  device=device, batch_size=batch_size, progress=progress, desc=desc)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
+    """A block's forward on one batch (hidden states out, whatever else it returns dropped)."""
+    return _run(block, x, kw)
+
+
 def _drive(model: nn.Module, windows: torch.Tensor, work, *, device, batch_size: int, progress: bool, desc: str) -> dict:
     """Capture the first block's inputs, then per block: to `device`, `work(...)`, its outputs, home."""
     prefix, blocks = architecture(model).locate_blocks(model)

@@ -231,7 +231,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):
     folder = Path(folder)
     recover(folder, clean=False)  # a save killed between its two renames: the old checkpoint is put back
     qc = read_quantization_config(folder)
-    tensors, origin = _read_safetensors(folder)
+    tensors, origin = read_safetensors(folder)
     try:
         config = AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError, OSError, TypeError) as e:
@@ -261,12 +261,12 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float16):
     _load_checked(model, tensors, origin, folder)
     model.config.quantization_config = qc  # how it was made: saving again writes the same block
     _load_extras(model, folder)
-    tokenizer = _load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
+    tokenizer = load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
     model.tokenizer = tokenizer  # as minquant.models.load_model does: the API calls find it here
     return model.eval(), tokenizer
 
 
-def _load_tokenizer(folder: Path):
+def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
     try:
@@ -322,7 +322,7 @@ def disk_bytes(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in weight_files(folder))
 
 
-def _read_safetensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+def read_safetensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
     """Every tensor of the weight files, and the file each came from; a damaged file is named."""
     tensors, origin = {}, {}
     for f in weight_files(folder):

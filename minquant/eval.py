@@ -37,8 +37,12 @@ def eval_ids(text: str, tokenizer) -> torch.Tensor:
 
 @torch.inference_mode()
 def perplexity(model, tokenizer=None, data: str | torch.Tensor = "wikitext2", seqlen: int | None = None,
-               max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
-    """Perplexity of a causal LM on `data`: "wikitext2" (test split), a string, or token ids (1, T)."""
+               max_windows: int | None = None, progress: bool = True, kv_cache: str | None = None) -> PerplexityResult:
+    """Perplexity of a causal LM on `data`: "wikitext2" (test split), a string, or token ids (1, T).
+
+    `kv_cache` ("int8", "fp8"): attention reads its keys and values from a quantized KV cache
+    (minquant.kvcache), so the score includes what storing them in 8 bits costs.
+    """
     from minquant.data import load_text
     from minquant.models import check_positions, check_token_ids
 
@@ -66,10 +70,16 @@ def perplexity(model, tokenizer=None, data: str | torch.Tensor = "wikitext2", se
         raise ValueError(f"the text has {ids.shape[1]} tokens, fewer than one window of {seqlen}")
     check_token_ids(model, ids)
     device = next(model.parameters()).device
+    cache_kwargs = lambda: {"use_cache": False}  # noqa: E731
+    if kv_cache is not None:
+        from minquant.kvcache import QuantizedKVCache, cache_keyword
+
+        QuantizedKVCache(model.config, kv_cache)  # a bad dtype or model is named before any window runs
+        cache_kwargs = lambda: {"use_cache": True, cache_keyword(model): QuantizedKVCache(model.config, kv_cache)}  # noqa: E731
     total_nll = 0.0
     for i in tqdm(range(n), desc=f"perplexity ({seqlen}-token windows)", disable=not progress):
         window = ids[:, i * seqlen:(i + 1) * seqlen].to(device)
-        logits = model(window, use_cache=False).logits.float()
+        logits = model(window, **cache_kwargs()).logits.float()
         # token t is predicted from tokens < t: compare logits[:-1] with window[1:]
         total_nll += F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
     tokens = n * (seqlen - 1)

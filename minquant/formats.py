@@ -12,6 +12,8 @@ The fp8 formats follow the OCP 8-bit floating point specification (2023): e5m2 i
 (inf and NaN at exponent field 31); e4m3 is torch's `float8_e4m3fn` ("finite, NaN"): no inf,
 the all-ones exponent holds normal numbers, and only S.1111.111 is NaN, so it reaches 448.
 NF4 is the 4-bit NormalFloat of QLoRA (Dettmers et al. 2023, arXiv:2305.14314), a lookup table.
+FP4 e2m1 is the element format of the OCP Microscaling formats (MX, 2023) and of NVIDIA's NVFP4:
+no inf, no NaN, fifteen values 0, +-0.5, 1, 1.5, 2, 3, 4, 6 (notebook 11; minquant/microscaling.py).
 
     >>> BF16.max, FP16.max, FP8_E4M3.max, FP8_E5M2.max
     (3.3895313892515355e+38, 65504.0, 448.0, 57344.0)
@@ -33,8 +35,9 @@ class FloatFormat:
     man_bits: int
     bias: int
     has_inf: bool = True  # False: overflow saturates to +-max (recent torch's float8_e4m3fn cast does too; older ones give NaN)
-    # NaN patterns. ieee: exponent all ones and mantissa != 0; all_ones: only S.1..1.1..1 (e4m3fn).
-    nan: Literal["ieee", "all_ones"] = "ieee"
+    # NaN patterns. ieee: exponent all ones and mantissa != 0; all_ones: only S.1..1.1..1 (e4m3fn);
+    # none: every pattern is a number (fp4 e2m1).
+    nan: Literal["ieee", "all_ones", "none"] = "ieee"
 
     @property
     def bits(self) -> int:
@@ -53,7 +56,7 @@ class FloatFormat:
     @property
     def max(self) -> float:
         # The largest mantissa is all ones, except where that pattern is the NaN (e4m3fn: 1.110).
-        top_mantissa = 2**self.man_bits - (1 if self.nan == "ieee" else 2)
+        top_mantissa = 2**self.man_bits - (2 if self.nan == "all_ones" else 1)
         return (1 + top_mantissa / 2**self.man_bits) * 2.0**self.max_exp
 
     @property
@@ -107,6 +110,7 @@ FP16 = FloatFormat("fp16", 5, 10, 15)
 BF16 = FloatFormat("bf16", 8, 7, 127)  # fp32's exponent with a 7-bit mantissa: same range, less precision
 FP8_E4M3 = FloatFormat("fp8_e4m3", 4, 3, 7, has_inf=False, nan="all_ones")
 FP8_E5M2 = FloatFormat("fp8_e5m2", 5, 2, 15)
+FP4_E2M1 = FloatFormat("fp4_e2m1", 2, 1, 1, has_inf=False, nan="none")
 INT8, INT4, INT3, INT2 = (IntFormat(f"int{b}", b) for b in (8, 4, 3, 2))
 
 
@@ -129,7 +133,7 @@ def normal_float_values(bits: int = 4) -> tuple[float, ...]:
 
 NF4 = TableFormat("nf4", normal_float_values(4))
 
-FORMATS: dict[str, Format] = {f.name: f for f in (FP32, FP16, BF16, FP8_E4M3, FP8_E5M2,
+FORMATS: dict[str, Format] = {f.name: f for f in (FP32, FP16, BF16, FP8_E4M3, FP8_E5M2, FP4_E2M1,
                                                    INT8, INT4, INT3, INT2, NF4)}
 
 
@@ -213,7 +217,7 @@ def decode(bits: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     top = exp_field == 2**fmt.exp_bits - 1
     if fmt.nan == "ieee":
         value = torch.where(top, torch.where(man_field == 0, float("inf"), float("nan")), value)
-    else:
+    elif fmt.nan == "all_ones":
         value = torch.where(top & (man_field == 2**fmt.man_bits - 1), float("nan"), value)
     return torch.where(sign == 1, -value, value)
 

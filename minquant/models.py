@@ -339,6 +339,13 @@ def mark_unusable(model: torch.nn.Module, reason: str) -> None:
     model.minquant_unusable = reason
 
 
+def check_float(model: torch.nn.Module) -> None:
+    """A clear error for a model that holds quantized layers already (QuantLinear, W8A8Linear, FP4Linear)."""
+    kinds = sorted({type(m).__name__ for m in model.modules() if getattr(type(m), "minquant_quantized", False)})
+    if kinds:
+        raise ValueError(f"this model is already quantized (it has {', '.join(kinds)} layers); load the float model again")
+
+
 def check_usable(model: torch.nn.Module) -> None:
     """The reason `mark_unusable` recorded, as an error; nothing for a model in a sound state."""
     reason = getattr(model, "minquant_unusable", None)

@@ -17,6 +17,7 @@ from minquant.quant import QuantConfig, dequantize, quantize_storable
 
 
 class QuantLinear(nn.Module):
+    minquant_quantized = True  # models.check_float refuses to quantize a model holding one
     def __init__(self, in_features: int, out_features: int, cfg: QuantConfig, bias: bool = False):
         super().__init__()
         check_packable(out_features, in_features, cfg)

@@ -260,3 +260,41 @@ def test_each_method_is_configured_by_its_own_config():
         method_config("awq", damp=0.1)
     with pytest.raises(ValueError, match="static_groups is a variant of act_order"):
         method_config("gptq", act_order=False, static_groups=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond weight-only (notebook 11): W8A8 int8 / SmoothQuant / FP8 and the fp4 formats through the front door
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, options, layer", [
+    ("w8a8", {}, "W8A8Linear"), ("fp8", {}, "W8A8Linear"), ("mxfp4", {}, "FP4Linear"), ("nvfp4", {}, "FP4Linear"),
+    ("smoothquant", {"activations": "static"}, "W8A8Linear")])
+def test_quantize_beyond_weight_only(tiny_llama, method, options, layer):
+    import minquant
+
+    ids = torch.randint(0, 64, (4, 16))
+    if method == "smoothquant":
+        options = {**options, "calib": ids}
+    ref = tiny_llama(ids).logits
+    model = minquant.quantize(tiny_llama, method, progress=False, **options)
+    assert sum(type(m).__name__ == layer for m in model.modules()) == 14
+    assert type(model.lm_head) is torch.nn.Linear  # the head stays float, as in every tool
+    assert model.quantization_report["method"] == method
+    assert float((model(ids).logits - ref).norm() / ref.norm()) < (0.2 if "fp4" in method else 0.05)
+
+
+def test_beyond_weight_only_options_are_checked(tiny_llama):
+    import minquant
+
+    ids = torch.randint(0, 64, (4, 16))
+    cases = [(dict(method="w8a8", bits=3), "bits=3: not option"), (dict(method="w8a8", calib=ids), "need no calibration"),
+             (dict(method="nvfp4", alpha=0.5), "it has no options"), (dict(method="smoothquant", damp=0.1), "activations, alpha"),
+             (dict(method="w8a8", alpha=0.3), "needs smoothquant=True"), (dict(method="fp8", group_size=64), "grid is fixed"),
+             (dict(method="mxfp4", calib=ids), "no calibration data"), (dict(method="int4"), "unknown method")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            minquant.quantize(tiny_llama, progress=False, **kwargs)
+    assert not any(hasattr(m, "weight_scale") for m in tiny_llama.modules())
+    q = minquant.quantize(tiny_llama, "w8a8", bits=8, progress=False)  # bits=8 says what w8a8 is anyway
+    with pytest.raises(ValueError, match="already quantized \\(it has W8A8Linear layers\\)"):
+        minquant.quantize(q, "gptq", calib=ids)

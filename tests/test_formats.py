@@ -75,7 +75,7 @@ def test_integer_ranges():
 
 
 def test_registry_and_fp32_has_no_grid():
-    assert list(FORMATS) == ["fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2",
+    assert list(FORMATS) == ["fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1",
                              "int8", "int4", "int3", "int2", "nf4"]
     with pytest.raises(ValueError, match="at most 16 bits"):
         grid(FP32)
