@@ -67,10 +67,14 @@ class W8A8Config:
 
 
 def to_8bit(x: torch.Tensor, scale: torch.Tensor, dtype: str) -> torch.Tensor:
-    """x / scale rounded into int8 (-127..127, half to even) or float8_e4m3fn (saturating at +-448)."""
+    """x / scale rounded into int8 (half to even, clamped to int8's -128..127) or float8_e4m3fn (saturating at +-448).
+
+    Scales from max|x| / 127 never reach -128; only inputs beyond a static scale's calibrated range do,
+    and vLLM's and compressed-tensors' quantizers clamp those to -128 too.
+    """
     y = x.float() / scale
     if dtype == "int8":
-        return torch.round(y).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return torch.round(y).clamp(-INT8_MAX - 1, INT8_MAX).to(torch.int8)
     return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # clamp first: older torch casts overflow to NaN
 
 

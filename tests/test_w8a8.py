@@ -12,7 +12,7 @@ def int8_reference(x, w, b, input_scale=None):
     s_w = w.abs().amax(1, keepdim=True) / 127
     s_x = x.abs().amax(1, keepdim=True) / 127 if input_scale is None else torch.full((x.shape[0], 1), input_scale).double()
     q_w = torch.round(w / s_w).clamp(-127, 127)
-    q_x = torch.round(x / s_x).clamp(-127, 127)
+    q_x = torch.round(x / s_x).clamp(-128, 127)  # the int8 range: only a static scale lets an input reach -128
     return (q_x @ q_w.T) * s_x * s_w.T + b.double()
 
 
