@@ -37,6 +37,8 @@ BENCHMARKS = {
     "mixed": Benchmark("mixed", "mixed_smollm2", "mixed-precision GPTQ vs uniform", SWEEP),
     "calibration": Benchmark("calibration", "calibration_smollm2", "GPTQ/AWQ by calibration data", SWEEP),
     "eightbit": Benchmark("eightbit", "eightbit", "int8 and fp8 weights"),
+    "activations": Benchmark("activations", "activations_smollm2", "W8A8 (SmoothQuant), FP8, MXFP4/NVFP4, KV cache vs "
+                             "llm-compressor", SWEEP),
     "claims": Benchmark("claims", "claims", "the course's claims vs our numbers"),
     "kernels": Benchmark("kernels", "kernels_*", "the W4A16 kernels on a GPU"),
     "sass": Benchmark("sass", "sass_kernels", "the GPU kernels' SASS figures for sm_80/sm_90, compiled here (no GPU needed)"),

