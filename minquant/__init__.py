@@ -48,12 +48,13 @@ minquant/                 the library the course builds (one idea per module; do
   cache.py                where built things are kept (MINQUANT_CACHE)
   course/                 the notebooks' exercise checks (__init__.py: check_answer, check_function)
     answers_01.py answers_02.py answers_03.py answers_04.py answers_05.py
-    answers_06.py answers_07.py answers_08.py answers_09.py answers_10.py   each notebook's hidden answers
+    answers_06.py answers_07.py answers_08.py answers_09.py answers_10.py
+    answers_11.py                                                            each notebook's hidden answers
   cli.py, __main__.py     the `minquant` command
   bench/                  benchmarks: never imported by the library
     registry.py           every benchmark by name, for the CLI and the README writer
     results.py            data/results/*.json with provenance; the README's tables
-    rtn.py packing.py gptq.py awq.py sensitivity.py mixed.py calibration.py eightbit.py
+    rtn.py packing.py gptq.py awq.py sensitivity.py mixed.py calibration.py eightbit.py activations.py
     claims.py paper.py kernels.py cpu.py demo.py    one benchmark each: run() and table(record)
     sweep.py              the resumable model sweeps (gptq, awq, mixed, calibration)
     sass.py               GPU kernels' SASS, compiled and read without a GPU

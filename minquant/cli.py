@@ -98,8 +98,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"loading {args.model} ...", flush=True)
     model = load_any(args.model)
     start = time.perf_counter()
+    reads_data = args.method in ("gptq", "awq", "smoothquant") or args.activations == "static" or args.smoothquant
     data = {"calib": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed} \
-        if args.method != "rtn" else {}  # RTN takes no calibration data (and quantize says so if given any)
+        if reads_data else {}  # RTN, fp4 and dynamic W8A8 take no calibration data (and quantize says so if given any)
     # only the options given: quantize names any that the method does not have
     flags = {"search_range": args.search_range, "duo_scaling": args.duo_scaling}
     options = {k: True for k, given in flags.items() if given}
@@ -107,6 +108,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     options |= {"clip": False} if args.no_clip else {}
     options |= {"true_sequential": False} if args.no_true_sequential else {}
     options |= {"damp": args.damp} if args.damp is not None else {}
+    options |= {k: v for k, v in (("activations", args.activations), ("alpha", args.alpha)) if v is not None}
+    options |= {"smoothquant": True} if args.smoothquant else {}
     minquant.quantize(model, args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                       full_range=args.full_range, bits_budget=args.bits_budget, device=args.device, **data, **options)
     seconds = time.perf_counter() - start
@@ -118,11 +121,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     size = disk_bytes(out)
     from minquant.quant import scheme_label
 
-    scheme = (f"mixed {model.mixed_plan.bits_per_weight:.2f} bits/weight" if args.bits_budget is not None
-              else scheme_label(args.bits, args.group_size))
-    print(f"\n{args.method.upper()} {scheme}{' sym' if args.sym else ''}"
-          f"{' act-order' if args.method == 'gptq' and args.act_order is not False else ''}: quantized in {seconds:.1f} s; "
-          f"saved {out} ({size / 1e6:.1f} MB of weights)")
+    if args.method in ("w8a8", "smoothquant", "fp8"):  # notebook 11: 8-bit weights and activations
+        label = (f"{'SmoothQuant ' if args.method == 'smoothquant' or args.smoothquant else ''}W8A8 "
+                 f"{'fp8' if args.method == 'fp8' else 'int8'}, {args.activations or 'dynamic'} activations")
+    elif args.method in ("mxfp4", "nvfp4"):
+        label = f"{args.method.upper()} weights"
+    else:
+        scheme = (f"mixed {model.mixed_plan.bits_per_weight:.2f} bits/weight" if args.bits_budget is not None
+                  else scheme_label(args.bits, args.group_size))
+        label = (f"{args.method.upper()} {scheme}{' sym' if args.sym else ''}"
+                 f"{' act-order' if args.method == 'gptq' and args.act_order is not False else ''}")
+    print(f"\n{label}: quantized in {seconds:.1f} s; saved {out} ({size / 1e6:.1f} MB of weights)")
     if args.eval_windows:
         r = minquant.evaluate(model.float(), "wikitext2", max_windows=args.eval_windows)
         print(f"WikiText-2 test perplexity ({r.windows} windows of {r.seqlen}): {r.ppl:.3f}")
@@ -205,19 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded at once")
     p.add_argument("--linears-only", action="store_true", help="keep embeddings and lm_head in fp16")
 
-    p = _subcommand(sub, cmd_quantize, "quantize a model (RTN, GPTQ or AWQ) and save a GPTQ checkpoint", [
+    p = _subcommand(sub, cmd_quantize, "quantize a model (RTN, GPTQ, AWQ: a GPTQ checkpoint; W8A8, SmoothQuant, FP8, "
+                    "MXFP4, NVFP4: a compressed-tensors one) and save it", [
         'minquant quantize smollm2-135m --method gptq --bits 4 --group-size 64 --out smollm2-gptq',
         'minquant quantize smollm2-135m --method rtn --bits 8 --group-size -1 --out smollm2-w8',
         'minquant quantize smollm2-135m --method awq --bits 4 --group-size 64 --out smollm2-awq',
         'minquant quantize meta-llama/Llama-3.2-1B --bits 4 --device cuda --out llama-gptq',
         'minquant quantize smollm2-135m --no-act-order --group-size 64 --out smollm2-plain-gptq',
         'minquant quantize smollm2-135m --bits 3 --group-size 64 --eval-windows 16 --out w3',
-        'minquant quantize smollm2-135m --bits-budget 3.5 --group-size 64 --out smollm2-mixed'])
+        'minquant quantize smollm2-135m --bits-budget 3.5 --group-size 64 --out smollm2-mixed',
+        'minquant quantize smollm2-135m --method smoothquant --out smollm2-w8a8       # int8 weights and activations',
+        'minquant quantize smollm2-135m --method smoothquant --activations static --out smollm2-w8a8-static',
+        'minquant quantize smollm2-135m --method fp8 --out smollm2-fp8                # FP8 W8A8, dynamic',
+        'minquant quantize smollm2-135m --method nvfp4 --out smollm2-nvfp4            # 4-bit float weights'])
     p.add_argument("model", help="packaged name (smollm2-135m), local folder, or Hugging Face id")
     p.add_argument("--out", required=True, help="folder to write the checkpoint to (replaced whole, atomically)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out even if it is a non-empty folder that holds no minquant checkpoint")
-    p.add_argument("--method", choices=["gptq", "rtn", "awq"], default="gptq")
+    p.add_argument("--method", choices=["gptq", "rtn", "awq", "w8a8", "smoothquant", "fp8", "mxfp4", "nvfp4"], default="gptq")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=group_size_arg, default=128, help="-1 = per channel")
     p.add_argument("--sym", action="store_true", help="symmetric (zero-point fixed at 2**(bits-1))")
@@ -232,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=float, default=None, help="GPTQ: damping, fraction of H's mean diagonal (default 0.01)")
     p.add_argument("--duo-scaling", action="store_true", help="AWQ: scales from activations and weights")
     p.add_argument("--no-clip", action="store_true", help="AWQ: no range-shrink search")
+    p.add_argument("--activations", choices=["dynamic", "static"], default=None,
+                   help="w8a8/smoothquant/fp8: activation scales per token at run time (default), or one per tensor "
+                        "from calibration")
+    p.add_argument("--alpha", type=float, default=None, help="smoothquant: migration strength in [0, 1] (default: searched)")
+    p.add_argument("--smoothquant", action="store_true", help="fp8: smooth the activations first (SmoothQuant)")
     p.add_argument("--bits-budget", type=float, default=None, metavar="BPW",
                    help="GPTQ mixed precision: bits and group size per layer at <= BPW bits per weight "
                         "(scales and zeros counted), chosen by measured sensitivity; e.g. 3.5")

@@ -89,3 +89,20 @@ def test_every_subcommand_has_help_with_examples(capsys):
 def test_eval_of_a_missing_folder_is_one_line(capsys):
     assert main(["eval", "./no/such/model"]) == 2
     assert "minquant eval: error: no model folder at './no/such/model'" in capsys.readouterr().err
+
+
+def test_quantize_smoothquant_static_and_nvfp4_on_a_folder(tiny_llama_folder, tmp_path, capsys):
+    """Notebook 11's methods from the shell: compressed-tensors checkpoints, eval reads them back."""
+    import json
+
+    out = tmp_path / "sq"
+    assert main(["quantize", str(tiny_llama_folder), "--method", "smoothquant", "--activations", "static",
+                 "--n-samples", "4", "--seqlen", "32", "--out", str(out)]) == 0
+    assert "SmoothQuant W8A8 int8, static activations: quantized in" in capsys.readouterr().out
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["format"]) == ("compressed-tensors", "int-quantized")
+    assert main(["eval", str(out), "--max-windows", "1", "--seqlen", "64"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["quantize", str(tiny_llama_folder), "--method", "nvfp4", "--out", str(tmp_path / "fp4")]) == 0
+    assert "NVFP4 weights: quantized in" in capsys.readouterr().out
+    assert main(["quantize", str(tiny_llama_folder), "--method", "nvfp4", "--alpha", "0.5", "--out", str(tmp_path / "x")]) != 0

@@ -66,6 +66,17 @@ def test_all_zero_blocks_and_zero_tensors_stay_zero():
         assert torch.equal(fake_quantize_fp4(torch.zeros(2, 64), scheme), torch.zeros(2, 64))
 
 
+def test_fast_codes_equal_rounding_to_the_format():
+    from minquant.formats import encode, round_to_format
+    from minquant.microscaling import fp4_codes
+
+    torch.manual_seed(4)
+    x = torch.cat([torch.randn(10000) * 3, grid(FP4_E2M1), (grid(FP4_E2M1)[1:] + grid(FP4_E2M1)[:-1]) / 2,  # every tie
+                   torch.tensor([7.0, -9.0, 0.0, -0.0, 1e-9, -1e-9])])
+    expected = encode(round_to_format(x.clamp(-6, 6), FP4_E2M1), FP4_E2M1).to(torch.uint8)
+    assert torch.equal(fp4_codes(x), expected)
+
+
 def test_pack_round_trip_and_nibble_order():
     codes = torch.arange(256, dtype=torch.uint8).reshape(1, 256)
     codes = torch.stack([codes & 0xF, codes >> 4], -1).reshape(1, 512)  # every pair of codes
