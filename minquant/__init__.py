@@ -55,7 +55,7 @@ minquant/                 the library the course builds (one idea per module; do
     registry.py           every benchmark by name, for the CLI and the README writer
     results.py            data/results/*.json with provenance; the README's tables
     rtn.py packing.py gptq.py awq.py sensitivity.py mixed.py calibration.py eightbit.py activations.py
-    claims.py paper.py kernels.py cpu.py demo.py    one benchmark each: run() and table(record)
+    claims.py paper.py kernels.py cpu.py demo.py matmul8.py    one benchmark each: run() and table(record)
     sweep.py              the resumable model sweeps (gptq, awq, mixed, calibration)
     sass.py               GPU kernels' SASS, compiled and read without a GPU
     peers/                llmcompressor_quant.py, hqq_quant.py: other tools' runners (their own venvs)

@@ -97,7 +97,10 @@ def fake_quantize_8bit(x: torch.Tensor, scale: torch.Tensor, dtype: str) -> torc
 
 def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """a (M, K) int8 times b_t (N, K) int8 transposed -> (M, N) int32, exactly."""
-    try:  # CUDA's kernel needs M > 16 and K, N multiples of 8; the CPU one takes any shape
+    M = a.shape[0]
+    if a.is_cuda and M <= 16:  # CUDA's kernel needs M > 16: pad with zero rows (decoding) and drop them after
+        return int8_matmul(torch.cat([a, a.new_zeros(17 - M, a.shape[1])]), b_t)[:M]
+    try:  # CUDA's kernel also needs K, N multiples of 8; the CPU one takes any shape
         return torch._int_mm(a, b_t.t())
     except RuntimeError:
         # float64 holds every partial sum exactly: |sum| <= K * 127^2 < 2^53 for any K below 5e11
@@ -107,10 +110,17 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
 def fp8_matmul(a: torch.Tensor, b_t: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                out_dtype: torch.dtype) -> torch.Tensor:
     """(a * scale_a) (b_t * scale_b)^T for fp8 a (M, K), b_t (N, K) with scales (M, 1), (N, 1)."""
-    try:
-        return torch._scaled_mm(a, b_t.t(), scale_a=scale_a, scale_b=scale_b.t(), out_dtype=out_dtype)
-    except (RuntimeError, NotImplementedError, AttributeError):  # no fp8 GEMM for this device, shape or build
-        return ((a.float() @ b_t.float().t()) * scale_a * scale_b.t()).to(out_dtype)
+    M = a.shape[0]
+    if a.is_cuda and M % 16:  # CUDA's fp8 GEMM wants every dimension a multiple of 16: pad the rows
+        pad = 16 - M % 16
+        a, scale_a = torch.cat([a, a.new_zeros(pad, a.shape[1])]), torch.cat([scale_a, scale_a.new_ones(pad, 1)])
+    # row-wise scales want a bf16 output on some CUDA builds; the scales are applied inside either way
+    for out in (out_dtype, torch.bfloat16) if a.is_cuda else (out_dtype,):
+        try:
+            return torch._scaled_mm(a, b_t.t(), scale_a=scale_a, scale_b=scale_b.t(), out_dtype=out)[:M].to(out_dtype)
+        except (RuntimeError, NotImplementedError, AttributeError):  # no fp8 GEMM for this device, shape or build
+            pass
+    return ((a[:M].float() @ b_t.float().t()) * scale_a[:M] * scale_b.t()).to(out_dtype)
 
 
 class W8A8Linear(nn.Module):

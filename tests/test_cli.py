@@ -54,6 +54,8 @@ def test_demo_through_the_installed_command(tmp_path):
 def test_bench_kernels_without_gpu_says_why(capsys):
     assert main(["bench", "kernels"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["bench", "matmul8"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_quantize_eval_generate_on_a_folder(tiny_llama_folder, tmp_path, capsys):

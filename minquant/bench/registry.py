@@ -41,6 +41,7 @@ BENCHMARKS = {
                              "llm-compressor", SWEEP),
     "claims": Benchmark("claims", "claims", "the course's claims vs our numbers"),
     "kernels": Benchmark("kernels", "kernels_*", "the W4A16 kernels on a GPU"),
+    "matmul8": Benchmark("matmul8", "matmul8_*", "W8A8 int8/fp8 vs fp16 vs W4A16 matmuls on a GPU, by batch"),
     "sass": Benchmark("sass", "sass_kernels", "the GPU kernels' SASS figures for sm_80/sm_90, compiled here (no GPU needed)"),
     "cpu": Benchmark("cpu", "cpu_*", "4-bit layers against fp32 and torch's int4/int8 on this CPU, and SmolLM2 decoding"),
     "paper": Benchmark("paper", "paper_*", "the GPTQ paper's protocol on --model (a Table 3 row for OPT-125M)",
