@@ -265,14 +265,9 @@ def for_each_block(model: nn.Module, windows: torch.Tensor, work: BlockWorker, *
                    progress: bool = True, desc: str = "blocks") -> dict:
     """The driver for methods that read a block's inputs themselves (SmoothQuant, W8A8 calibration):
     `work(prefix, block, inputs, kwargs)` with the block on `device` and, per batch, what it receives
-    (`run_block(block, x, kw)` runs it); the next block receives the changed block's outputs."""
+    (`run_with_input_hooks` runs it); the next block receives the changed block's outputs."""
     return _drive(model, windows, lambda prefix, block, inputs, kwargs, replays: work(prefix, block, inputs, kwargs),
                   device=device, batch_size=batch_size, progress=progress, desc=desc)
-
-
-def run_block(block: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
-    """A block's forward on one batch (hidden states out, whatever else it returns dropped)."""
-    return _run(block, x, kw)
 
 
 def _drive(model: nn.Module, windows: torch.Tensor, work, *, device, batch_size: int, progress: bool, desc: str) -> dict:
@@ -390,14 +385,20 @@ class _Accumulator:
 def _input_stats(block: nn.Module, firsts: list[nn.Linear], inputs: list, kwargs: list[dict]) -> list[InputStats]:
     """The input statistics of each linear in `firsts`, from one plain pass of the block over all batches."""
     accs = [_Accumulator(linear) for linear in firsts]
-    handles = [linear.register_forward_pre_hook(lambda m, args, acc=acc: acc.add(args[0])) for linear, acc in zip(firsts, accs)]
+    run_with_input_hooks(block, inputs, kwargs, {linear: lambda m, args, acc=acc: acc.add(args[0])
+                                                 for linear, acc in zip(firsts, accs)})
+    return [acc.result() for acc in accs]
+
+
+def run_with_input_hooks(block: nn.Module, inputs: list, kwargs: list[dict], hooks: dict) -> None:
+    """One plain pass of `block` over every batch with forward pre-hooks {module: hook(module, args)}, always removed."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks.items()]
     try:
         for x, kw in zip(inputs, kwargs):
             _run(block, x, kw)
     finally:
         for handle in handles:
             handle.remove()
-    return [acc.result() for acc in accs]
 
 
 def _first(out):

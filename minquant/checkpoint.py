@@ -98,17 +98,22 @@ def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = t
     config.quantization_config = _quantization_config_of(model, counts.most_common(1)[0][0])
     config.dtype = dtype
     with new_folder(out_dir, overwrite) as tmp:  # checks the destination before any tensor is converted
-        save_file(_storable_state(model, dtype), tmp / "model.safetensors", metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_model_files(tmp, _storable_state(model, dtype), config, model, tokenizer)
         if getattr(model, "awq_search", None) is not None:
             model.awq_search.save(tmp / "awq_search.safetensors")
         if getattr(model, "mixed_plan", None) is not None:
             model.mixed_plan.save(tmp / "mixed_plan.json")
     return Path(out_dir)
+
+
+def write_model_files(folder: Path, state: dict[str, torch.Tensor], config, model, tokenizer) -> None:
+    """A Hugging Face model folder's files: model.safetensors, config.json, generation config, tokenizer."""
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def _storable_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:

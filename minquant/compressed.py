@@ -109,9 +109,8 @@ def storable_state(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tens
 def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, *,
                     overwrite: bool = False) -> Path:
     """Write the model as a compressed-tensors checkpoint folder, atomically (see minquant/atomic.py)."""
-    from safetensors.torch import save_file
-
     from minquant.atomic import new_folder
+    from minquant.checkpoint import write_model_files
     from minquant.models import check_usable
 
     check_usable(model)
@@ -119,12 +118,7 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | Path, dtype: tor
     config.quantization_config = compressed_config(model)
     config.dtype = dtype
     with new_folder(out_dir, overwrite) as tmp:
-        save_file(storable_state(model, dtype), tmp / "model.safetensors", metadata={"format": "pt"})
-        config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_model_files(tmp, storable_state(model, dtype), config, model, tokenizer)
     return Path(out_dir)
 
 

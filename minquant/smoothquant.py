@@ -135,17 +135,11 @@ def _convert_block(prefix: str, block: nn.Module, inputs: list, kwargs: list[dic
                    report: dict, undo: list) -> None:
     """One block: its groups' inputs seen, smoothing scales searched and folded, every linear made W8A8."""
     from minquant.awq import fold_scale, foldable
-    from minquant.calibrate import run_block
+    from minquant.calibrate import run_with_input_hooks
 
     picks = _sample_picks(inputs, SAMPLE_TOKENS)
     seen = [_GroupInputs(f"{prefix}.{group[0]}", picks) for group in arch.groups]
-    handles = [block.get_submodule(g[0]).register_forward_pre_hook(h) for g, h in zip(arch.groups, seen)]
-    try:
-        for x, kw in zip(inputs, kwargs):
-            run_block(block, x, kw)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_with_input_hooks(block, inputs, kwargs, {block.get_submodule(g[0]): h for g, h in zip(arch.groups, seen)})
     scales = {}  # linear -> the s its input channels are divided by
     prevs = arch.awq_prev or (None,) * len(arch.groups)
     # last group first: its scale folds into rows of an earlier group's linear (up_proj), whose search then sees them
