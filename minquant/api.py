@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from minquant.nn import QuantLinear
 from minquant.quant import QuantConfig
 
 METHODS = ("rtn", "gptq", "awq")  # weight-only into QuantLinear (the GPTQ format)
@@ -70,6 +69,14 @@ def method_config(method: str, *, bits: int = 4, group_size: int = 128, sym: boo
         act_order = options.setdefault("act_order", GPTQ_DEFAULTS["act_order"])
         options.setdefault("static_groups", GPTQ_DEFAULTS["static_groups"] and bool(act_order))
     return quant if config_class is None else config_class(quant, **options)
+
+
+def reads_calibration(method: str, smoothquant: bool = False, activations: str | None = None) -> bool:
+    """Does `method` read calibration data? GPTQ, AWQ and SmoothQuant do; W8A8/FP8 only to smooth or for static
+    activation scales; RTN and the fp4 formats never. (quantize, the CLI and the benchmark sweeps ask here.)"""
+    if method in ("gptq", "awq", "smoothquant"):
+        return True
+    return method in W8A8_METHODS and (bool(smoothquant) or activations == "static")
 
 
 def _beyond_config(method: str, bits, group_size, sym, full_range, options: dict):
@@ -139,13 +146,9 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     from minquant.models import check_float, check_usable, mark_unusable
 
     cfg = method_config(method, bits=bits, group_size=group_size, sym=sym, **options)  # validates every number
-    if method not in METHODS:
-        return _quantize_beyond(model, method, cfg, tokenizer=tokenizer, data=dict(
-            calib=calib, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size), bits_budget=bits_budget,
-            sensitivity_samples=sensitivity_samples, device=device, progress=progress)
-    _check_data_options(method, dict(calib=calib, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size),
-                        bits_budget, sensitivity_samples)
-    quant = cfg if method == "rtn" else cfg.quant
+    data = dict(calib=calib, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+    _check_data_options(method, data, bits_budget, sensitivity_samples,
+                        reads_calibration(method, options.get("smoothquant"), options.get("activations")))
     model = as_model(model)
     check_usable(model)
     if not hasattr(model, "config"):
@@ -154,6 +157,9 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     tokenizer = tokenizer_of(model, tokenizer)
     check_float(model)
     device = check_device(device)
+    if method not in METHODS:  # notebook 11's W8A8 and fp4 methods
+        return _quantize_beyond(model, method, cfg, tokenizer=tokenizer, data=data, device=device, progress=progress)
+    quant = cfg if method == "rtn" else cfg.quant
     _check_weights(model, method, quant, bits_budget)
     if bits_budget is not None:
         from minquant.mixed import candidate_configs, check_budget, layer_shapes, plan_model
@@ -192,44 +198,25 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     return model
 
 
-def _quantize_beyond(model, method: str, cfg, *, tokenizer, data: dict, bits_budget, sensitivity_samples, device,
-                     progress: bool):
-    """quantize() for the W8A8 and fp4 methods: every linear of the blocks converted (lm_head stays float)."""
-    from minquant.models import architecture, check_float, check_usable, mark_unusable
+def _quantize_beyond(model, method: str, cfg, *, tokenizer, data: dict, device, progress: bool):
+    """quantize() for the W8A8 and fp4 methods, after its common checks: every linear of the blocks converted
+    (lm_head stays float). Both conversions put the model back as it was if they fail part-way."""
+    from minquant.models import architecture, check_positions, check_token_ids
 
-    reads_data = method in W8A8_METHODS and (cfg.smoothquant or cfg.activations == "static")
-    why = ("it converts each layer on its own, with no calibration data" if method in FP4_METHODS else
-           "dynamic per-token activations without SmoothQuant need no calibration data")
-    _check_data_options(method, data, bits_budget, sensitivity_samples, reads_data=reads_data, why=why)
-    model = as_model(model)
-    check_usable(model)
-    if not hasattr(model, "config"):
-        raise TypeError(f"minquant.quantize takes a Hugging Face model (one with .config), got a {type(model).__name__}")
-    check_float(model)
-    device = check_device(device)
     arch = architecture(model)
     windows = None
-    if reads_data:
-        from minquant.models import check_positions, check_token_ids
-
-        windows = calibration_data(data["calib"], tokenizer_of(model, tokenizer), data["n_samples"], data["seqlen"], data["seed"])
+    if method in W8A8_METHODS and reads_calibration(method, cfg.smoothquant, cfg.activations):
+        windows = calibration_data(data["calib"], tokenizer, data["n_samples"], data["seqlen"], data["seed"])
         check_token_ids(model, windows, "calibration token ids")  # (check_windows' warnings are about GPTQ's Hessian)
         check_positions(model, windows.shape[1], "calibration windows")
-    try:
-        if method in FP4_METHODS:
-            from minquant.microscaling import fp4_quantize_model
+    if method in FP4_METHODS:
+        from minquant.microscaling import fp4_quantize_model
 
-            report = fp4_quantize_model(model, arch, cfg, progress=progress)
-        else:
-            from minquant.smoothquant import w8a8_quantize_model
+        report = fp4_quantize_model(model, arch, cfg, progress=progress)
+    else:
+        from minquant.smoothquant import w8a8_quantize_model
 
-            report = w8a8_quantize_model(model, windows, cfg, device=device, batch_size=data["batch_size"], progress=progress)
-    except ValueError:
-        raise  # raised by the checks, before any layer changed
-    except BaseException as e:
-        mark_unusable(model, f"this model is neither float nor quantized: minquant.quantize(method={method!r}) failed "
-                             f"part-way ({type(e).__name__}: {e}); load the float model again")
-        raise
+        report = w8a8_quantize_model(model, windows, cfg, device=device, batch_size=data["batch_size"], progress=progress)
     if windows is not None:
         report["calibration"] = _calibration_report(data["calib"], windows, data["seed"])
     report["method"] = method
@@ -237,12 +224,12 @@ def _quantize_beyond(model, method: str, cfg, *, tokenizer, data: dict, bits_bud
     return model
 
 
-def _check_data_options(method: str, data: dict, bits_budget, sensitivity_samples, reads_data: bool | None = None,
-                        why: str = "") -> None:
+def _check_data_options(method: str, data: dict, bits_budget, sensitivity_samples, reads_data: bool) -> None:
     """Calibration data only for the methods that read it; mixed precision only for GPTQ; sane counts."""
     given = {k: v for k, v in data.items() if isinstance(v, torch.Tensor) or v != DATA_OPTIONS[k]}
-    if reads_data is None:
-        reads_data, why = method != "rtn", "RTN rounds each group's min/max range, with no calibration data"
+    why = {"rtn": "RTN rounds each group's min/max range, with no calibration data"}.get(method) or \
+        ("it converts each layer on its own, with no calibration data" if method in FP4_METHODS else
+         "dynamic per-token activations without SmoothQuant need no calibration data")
     if not reads_data and given:
         raise ValueError(f"{_describe(given)}: not option(s) of method={method!r} ({why})")
     if bits_budget is not None and method != "gptq":

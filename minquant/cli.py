@@ -98,9 +98,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"loading {args.model} ...", flush=True)
     model = load_any(args.model)
     start = time.perf_counter()
-    reads_data = args.method in ("gptq", "awq", "smoothquant") or args.activations == "static" or args.smoothquant
+    from minquant.api import reads_calibration
+
     data = {"calib": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed} \
-        if reads_data else {}  # RTN, fp4 and dynamic W8A8 take no calibration data (and quantize says so if given any)
+        if reads_calibration(args.method, args.smoothquant, args.activations) else {}  # RTN, fp4, dynamic W8A8: none
     # only the options given: quantize names any that the method does not have
     flags = {"search_range": args.search_range, "duo_scaling": args.duo_scaling}
     options = {k: True for k, given in flags.items() if given}

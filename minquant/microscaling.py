@@ -210,41 +210,42 @@ class FP4Linear(nn.Module):
 def fp4_quantize_model(model: nn.Module, arch, scheme: FP4Scheme, progress: bool = False) -> dict:
     """Every linear of the model's blocks (an `Architecture`'s) -> FP4Linear; lm_head and embeddings stay float.
 
-    All layers are checked before the first changes. Returns a report: seconds, and each layer's
-    relative squared error ||W - W_q||^2 / ||W||^2.
+    All layers are checked before the first changes, and if one still fails (an interrupt), every
+    linear already replaced is put back. Returns a report: seconds, and each layer's relative squared
+    error ||W - W_q||^2 / ||W||^2.
     """
     import time
 
     from tqdm.auto import tqdm
 
-    from minquant.models import check_float
+    from minquant.models import check_float, float_block_linears
 
     check_float(model)
-    prefix, blocks = arch.locate_blocks(model)
-    names = [f"{prefix}.{i}.{name}" for i in range(len(blocks)) for name in arch.linears]
+    linears = float_block_linears(model, arch)
     block = BLOCK[_check_scheme(scheme)]
-    for name in names:
-        linear = model.get_submodule(name)
-        if type(linear) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(linear).__name__}, not a float nn.Linear: load the float model again")
+    for name, linear in linears.items():
         if linear.in_features % block:
             raise ValueError(f"{name}: {scheme} shares a scale per {block} inputs, and its {linear.in_features} input "
                              f"features are not a multiple of {block}; nothing was quantized")
-        if not torch.isfinite(linear.weight).all():
-            raise ValueError(f"{name} has NaN/Inf weights; nothing was quantized")
     # NVFP4: one global scale per group of linears reading the same input (q/k/v, gate/up): servers fuse them
     shared = {}
     if scheme == "nvfp4":
+        prefix, blocks = arch.locate_blocks(model)
         for i in range(len(blocks)):
             for group in arch.groups:
                 full = [f"{prefix}.{i}.{n}" for n in group]
-                gs = nvfp4_global_scale(max(float(model.get_submodule(n).weight.abs().max()) for n in full))
+                gs = nvfp4_global_scale(max(float(linears[n].weight.abs().max()) for n in full))
                 shared |= {n: gs for n in full}
-    start, errors = time.perf_counter(), {}
-    for name in tqdm(names, desc=scheme.upper(), disable=not progress):
-        linear = model.get_submodule(name)
-        layer = FP4Linear.from_linear(linear, scheme, shared.get(name))
-        w = linear.weight.float()
-        errors[name] = float((layer.dequantize_weight() - w).pow(2).sum() / w.pow(2).sum().clamp(min=1e-30))
-        model.set_submodule(name, layer)
+    start, errors, done = time.perf_counter(), {}, []
+    try:
+        for name, linear in tqdm(linears.items(), desc=scheme.upper(), disable=not progress):
+            layer = FP4Linear.from_linear(linear, scheme, shared.get(name))
+            w = linear.weight.float()
+            errors[name] = float((layer.dequantize_weight() - w).pow(2).sum() / w.pow(2).sum().clamp(min=1e-30))
+            model.set_submodule(name, layer)
+            done.append(name)
+    except BaseException:
+        for name in done:
+            model.set_submodule(name, linears[name])
+        raise
     return {"seconds": time.perf_counter() - start, "layers": {n: {"rel_error": e} for n, e in errors.items()}}

@@ -339,6 +339,18 @@ def mark_unusable(model: torch.nn.Module, reason: str) -> None:
     model.minquant_unusable = reason
 
 
+def float_block_linears(model: torch.nn.Module, arch: Architecture) -> dict[str, torch.nn.Linear]:
+    """Every linear of the blocks by full name, checked to be a float nn.Linear with finite weights (named if not)."""
+    prefix, blocks = arch.locate_blocks(model)
+    linears = {f"{prefix}.{i}.{name}": block.get_submodule(name) for i, block in enumerate(blocks) for name in arch.linears}
+    for name, linear in linears.items():
+        if type(linear) is not torch.nn.Linear:
+            raise ValueError(f"{name} is a {type(linear).__name__}, not a float nn.Linear: load the float model again")
+        if not torch.isfinite(linear.weight).all():
+            raise ValueError(f"{name} has NaN/Inf weights; nothing was quantized")
+    return linears
+
+
 def check_float(model: torch.nn.Module) -> None:
     """A clear error for a model that holds quantized layers already (QuantLinear, W8A8Linear, FP4Linear)."""
     kinds = sorted({type(m).__name__ for m in model.modules() if getattr(type(m), "minquant_quantized", False)})

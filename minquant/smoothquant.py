@@ -181,18 +181,11 @@ def _replace(block: nn.Module, plan: dict, cfg: W8A8Config, undo: list) -> None:
 def _check_model(model: nn.Module, arch, cfg: W8A8Config) -> None:
     """Every block linear convertible (finite weights, not quantized already); smoothing has somewhere to fold."""
     from minquant.awq import foldable
+    from minquant.models import float_block_linears
 
-    prefix, blocks = arch.locate_blocks(model)
-    for i, block in enumerate(blocks):
-        for name in arch.linears:
-            linear = block.get_submodule(name)
-            if type(linear) is not nn.Linear:
-                raise ValueError(f"{prefix}.{i}.{name} is a {type(linear).__name__}, not a float nn.Linear: "
-                                 "this model is already quantized; load the float model again")
-            if not torch.isfinite(linear.weight).all():
-                raise ValueError(f"{prefix}.{i}.{name} has NaN/Inf weights; nothing was converted")
+    float_block_linears(model, arch)
     if cfg.smoothquant:
-        block = blocks[0]
+        block = arch.locate_blocks(model)[1][0]
         prevs = arch.awq_prev or (None,) * len(arch.groups)
         ok = [p for g, p in zip(arch.groups, prevs) if p is not None and
               foldable(block.get_submodule(p), [block.get_submodule(n) for n in g])]

@@ -138,3 +138,20 @@ def test_nvfp4_fused_linears_share_one_global_scale(tiny_llama):
     attn, mlp = tiny_llama.model.layers[0].self_attn, tiny_llama.model.layers[0].mlp
     qkv = {float(m.weight_global_scale) for m in (attn.q_proj, attn.k_proj, attn.v_proj)}
     assert len(qkv) == 1 and len({float(m.weight_global_scale) for m in (mlp.gate_proj, mlp.up_proj)}) == 1
+
+
+def test_a_failure_part_way_puts_every_linear_back(tiny_llama, monkeypatch):
+    from minquant.models import architecture
+
+    calls = {"n": 0}
+    real = FP4Linear.from_linear.__func__
+
+    def failing(cls, linear, scheme, global_scale=None):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(cls, linear, scheme, global_scale)
+    monkeypatch.setattr(FP4Linear, "from_linear", classmethod(failing))
+    with pytest.raises(KeyboardInterrupt):
+        fp4_quantize_model(tiny_llama, architecture(tiny_llama), "mxfp4")
+    assert calls["n"] == 5 and not any(isinstance(m, FP4Linear) for m in tiny_llama.modules())

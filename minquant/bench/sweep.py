@@ -35,13 +35,6 @@ QUANTIZE_ARGS = ("bits", "group_size", "sym", "act_order", "static_groups", "ful
                  "activations", "alpha", "smoothquant")
 
 
-def reads_calibration(spec: dict) -> bool:
-    """Does the entry's method read calibration data (RTN, fp4 and dynamic W8A8 without SmoothQuant do not)?"""
-    if spec["method"] in ("gptq", "awq", "smoothquant"):
-        return True
-    return spec["method"] in ("w8a8", "fp8") and (spec.get("smoothquant") or spec.get("activations") == "static")
-
-
 def ensure_peer_venv(tool: str = "llm-compressor") -> Path:
     """A peer in its own venv (with torch 2.13.0 and minquant, no deps changed here); built once."""
     venv, packages, _ = PEERS[tool]
@@ -134,7 +127,8 @@ def measure(label: str, spec: dict, results: dict, float_model, windows: torch.T
                 args = {k: v for k, v in spec.items() if k in QUANTIZE_ARGS}
                 if spec["method"] == "gptq":  # a label names every option off plain GPTQ, not the API's defaults
                     args = {"act_order": False, "static_groups": False, **args}
-                data = {"calib": windows} if reads_calibration(spec) else {}  # RTN (and others) take none
+                reads = minquant.api.reads_calibration(spec["method"], spec.get("smoothquant"), spec.get("activations"))
+                data = {"calib": windows} if reads else {}  # RTN, fp4 and dynamic W8A8 take none
                 minquant.quantize(model, spec["method"], **args, progress=False, **data)
             seconds = time.perf_counter() - start
             # an entry may score other windows (a long-context one) and read keys/values from a quantized cache
