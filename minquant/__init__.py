@@ -39,6 +39,8 @@ minquant/                 the library the course builds (one idea per module; do
   mixed.py                bits per layer under a budget (exact knapsack)                    (09)
   api.py                  quantize / save / load / evaluate, method_config                  (10)
   compare.py              one model quantized several ways, measured alike; the demo        (10)
+  stream.py               quantize a model bigger than memory: shards in, shards out        (10)
+  shards.py               safetensors read and written a tensor at a time; sharded output    (10)
   w8a8.py                 W8A8Config, W8A8Linear: int8 / fp8 weights and activations        (11)
   smoothquant.py          SmoothQuant; a whole model converted to W8A8                      (11)
   microscaling.py         MXFP4 and NVFP4 (fp4 e2m1 with block scales), FP4Linear           (11)
@@ -55,7 +57,8 @@ minquant/                 the library the course builds (one idea per module; do
     registry.py           every benchmark by name, for the CLI and the README writer
     results.py            data/results/*.json with provenance; the README's tables
     rtn.py packing.py gptq.py awq.py sensitivity.py mixed.py calibration.py eightbit.py activations.py
-    claims.py paper.py kernels.py cpu.py demo.py matmul8.py    one benchmark each: run() and table(record)
+    claims.py paper.py kernels.py cpu.py demo.py matmul8.py scale.py
+                          one benchmark each: run() and table(record)
     sweep.py              the resumable model sweeps (gptq, awq, mixed, calibration)
     sass.py               GPU kernels' SASS, compiled and read without a GPU
     peers/                llmcompressor_quant.py, hqq_quant.py: other tools' runners (their own venvs)

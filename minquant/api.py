@@ -114,10 +114,20 @@ def _describe(options: dict) -> str:
 def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, group_size: int = 128, sym: bool = False,
              calib: str | torch.Tensor = "c4", n_samples: int = 128, seqlen: int = 512, seed: int = 0,
              bits_budget: float | None = None, sensitivity_samples: int = SENSITIVITY_SAMPLES, device=None,
-             batch_size: int = 8, progress: bool = True, **options):
+             batch_size: int = 8, progress: bool = True, out_dir: str | os.PathLike | None = None,
+             overwrite: bool = False, max_shard_size: int | str = "2GB", hidden_states_device=None,
+             hidden_states_dtype: torch.dtype | None = None, **options):
     """Quantize `model`'s linear layers in place into QuantLinear (GPTQ layout) and return the model.
 
     `model`: an nn.Module, or a name to load first (packaged name, local folder or Hub id, fp32).
+
+    With `out_dir` (and `model` a name): streamed, for models bigger than memory. The float model is
+    never whole anywhere: each block is read from its safetensors shards, quantized, and written to
+    the checkpoint at `out_dir` (shards of at most `max_shard_size`, atomic as a whole; `overwrite`
+    as in `save`), then freed; the folder's Path is returned. The tensors are those `quantize` +
+    `save` write in memory, bit for bit. rtn, gptq and awq (not mixed precision); see minquant/stream.py.
+    `hidden_states_device` / `hidden_states_dtype` (gptq, awq): where the calibration activations between
+    blocks are kept ("cpu" to spare the GPU) and in what dtype (torch.float16 halves them).
 
     method "rtn": min/max round-to-nearest, no data. methods "gptq" and "awq": calibration windows
     from `calib` ("c4", "wikitext2", or token ids (n, seqlen)) via `tokenizer`; block by block on `device`.
@@ -145,6 +155,22 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     from minquant.checkpoint import quantization_config
     from minquant.models import check_float, check_usable, mark_unusable
 
+    placement = {k: v for k, v in (("hidden_states_device", hidden_states_device),
+                                   ("hidden_states_dtype", hidden_states_dtype)) if v is not None}
+    if out_dir is not None:
+        if not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"streaming (out_dir=...) reads the model from its files: give its folder, packaged name or "
+                            f"Hub id, not a {type(model).__name__} (for a model in memory: quantize, then minquant.save)")
+        path, _ = quantize_streamed(model, out_dir, method, tokenizer=tokenizer, bits=bits, group_size=group_size,
+                                    sym=sym, calib=calib, n_samples=n_samples, seqlen=seqlen, seed=seed, device=device,
+                                    batch_size=batch_size, overwrite=overwrite, max_shard_size=max_shard_size,
+                                    progress=progress, bits_budget=bits_budget, **placement, **options)
+        return path
+    if overwrite or max_shard_size != "2GB":
+        raise ValueError("overwrite and max_shard_size are options of a streamed quantize (out_dir=...); "
+                         "for a model in memory, give them to minquant.save")
+    if placement and method not in ("gptq", "awq"):
+        raise ValueError(f"{', '.join(placement)}: options of the block-by-block methods gptq and awq, not {method!r}")
     cfg = method_config(method, bits=bits, group_size=group_size, sym=sym, **options)  # validates every number
     data = dict(calib=calib, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size)
     _check_data_options(method, data, bits_budget, sensitivity_samples,
@@ -180,7 +206,8 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         model.mixed_plan, _ = plan_model(model, windows[:sensitivity_samples], bits_budget, configs, progress=progress)
         plan = {name: model.mixed_plan.config(name) for name in model.mixed_plan.layers}
     try:  # from here on the model changes
-        report = _run_method(model, method, cfg, windows, plan, device=device, batch_size=batch_size, progress=progress)
+        report = _run_method(model, method, cfg, windows, plan, device=device, batch_size=batch_size, progress=progress,
+                             **placement)
     except BaseException as e:
         mark_unusable(model, f"this model is neither float nor quantized: minquant.quantize(method={method!r}) failed "
                              f"part-way ({type(e).__name__}: {e}) after overwriting some of its layers; load the float "
@@ -196,6 +223,37 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         damp_percent=cfg.damp if gptq else 0.01, true_sequential=gptq and cfg.true_sequential)
     model.quantization_report = report
     return model
+
+
+def quantize_streamed(model: str | os.PathLike, out_dir: str | os.PathLike, method: str = "gptq", *, tokenizer=None,
+                      bits: int = 4, group_size: int = 128, sym: bool = False, calib: str | torch.Tensor = "c4",
+                      n_samples: int = 128, seqlen: int = 512, seed: int = 0, device=None, batch_size: int = 8,
+                      bits_budget: float | None = None, **options) -> tuple[Path, dict]:
+    """`quantize(model, ..., out_dir=...)`, returning (the folder, the report): the arguments checked here, the
+    work done block by block from the model's shards by minquant/stream.py. `options` are the method's own
+    and stream.py's (dtype, save_dtype, hidden_states_device/dtype, max_shard_size, overwrite, replay)."""
+    from minquant import stream
+
+    if bits_budget is not None:
+        raise ValueError("bits_budget (mixed precision) is not streamed: its plan needs every layer's sensitivity on "
+                         "the float model before the first block is quantized; quantize in memory for mixed precision")
+    placement = {k: options.pop(k) for k in ("dtype", "save_dtype", "hidden_states_device", "hidden_states_dtype",
+                                             "max_shard_size", "overwrite", "replay", "progress") if k in options}
+    if method not in stream.STREAMED_METHODS:
+        raise ValueError(f"method={method!r} is not streamed (streamed: {', '.join(stream.STREAMED_METHODS)}); quantize "
+                         "it in memory: minquant.quantize(model, method) then minquant.save")
+    cfg = method_config(method, bits=bits, group_size=group_size, sym=sym, **options)
+    data = dict(calib=calib, n_samples=n_samples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+    _check_data_options(method, data, None, SENSITIVITY_SAMPLES, reads_calibration(method))
+
+    def windows_for(tokenizer, meta) -> torch.Tensor:
+        windows = calibration_data(calib, tokenizer, n_samples, seqlen, seed)
+        check_windows(meta, windows)
+        return windows
+
+    return stream.quantize_streamed(model, out_dir, method, cfg, windows_for=None if method == "rtn" else windows_for,
+                                    tokenizer=tokenizer, device=check_device(device) or torch.device("cpu"),
+                                    batch_size=batch_size, **placement)
 
 
 def _quantize_beyond(model, method: str, cfg, *, tokenizer, data: dict, device, progress: bool):
@@ -243,7 +301,7 @@ def _check_data_options(method: str, data: dict, bits_budget, sensitivity_sample
         raise ValueError(f"batch_size must be a positive integer, got {data['batch_size']!r}")
 
 
-def _run_method(model, method: str, cfg, windows, plan, *, device, batch_size, progress) -> dict:
+def _run_method(model, method: str, cfg, windows, plan, *, device, batch_size, progress, **placement) -> dict:
     if method == "rtn":
         import time
 
@@ -256,11 +314,12 @@ def _run_method(model, method: str, cfg, windows, plan, *, device, batch_size, p
         from minquant.awq import awq_quantize_model
 
         model.awq_search, report = awq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size,
-                                                      progress=progress)
+                                                      progress=progress, **placement)
         return report
     from minquant.gptq import gptq_quantize_model
 
-    return gptq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size, plan=plan, progress=progress)
+    return gptq_quantize_model(model, windows, cfg, device=device, batch_size=batch_size, plan=plan, progress=progress,
+                               **placement)
 
 
 def _check_weights(model, method: str, quant: QuantConfig, bits_budget) -> None:

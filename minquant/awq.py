@@ -197,7 +197,7 @@ def foldable(prev: nn.Module, linears: list[nn.Linear]) -> bool:
 # A whole model: search block by block (calibrate.py's driver), or re-apply a saved search.
 # ---------------------------------------------------------------------------------------------
 
-def _check_model(model: nn.Module, cfg: AWQConfig):
+def _check_model(model: nn.Module, cfg: AWQConfig, weights: bool = True):
     from minquant.models import architecture
     from minquant.calibrate import check_linears
     from minquant.nn import QuantLinear
@@ -215,7 +215,8 @@ def _check_model(model: nn.Module, cfg: AWQConfig):
                          "cannot fold into its norms; use method='gptq'")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized (it has QuantLinear layers); load the float model again")
-    check_linears(model, arch, cfg.quant)
+    if weights:  # (a streamed model's are checked as each block arrives)
+        check_linears(model, arch, cfg.quant)
     return arch
 
 
@@ -228,15 +229,16 @@ def _to_quantlinears(model: nn.Module, quantized: dict[str, tuple], cfg: QuantCo
 
 @torch.no_grad()
 def awq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: AWQConfig, *, device=None, batch_size: int = 8,
-                       progress: bool = True) -> tuple[AWQSearch, dict]:
+                       progress: bool = True, **placement) -> tuple[AWQSearch, dict]:
     """Search AWQ's scales and clips block by block on `windows` (n, seqlen), apply them, quantize.
 
-    The model's linears become QuantLinear. Returns the search (save it to re-apply) and a report.
-    Each block's statistics come from its float inputs' one pass; the next block sees the quantized one.
+    The model's linears become QuantLinear (each block's once it is done). Returns the search (save it
+    to re-apply) and a report. Each block's statistics come from its float inputs' one pass; the next
+    block sees the quantized one. `placement` goes to the driver (calibrate.py).
     """
     from minquant.calibrate import quantize_blocks_one_pass
 
-    arch = _check_model(model, cfg)
+    arch = _check_model(model, cfg, weights=placement.get("source") is None)
     search, quantized = AWQSearch(cfg), {}
 
     def quantize_block(prefix: str, block: nn.Module, stats: list[InputStats]) -> None:
@@ -269,9 +271,12 @@ def awq_quantize_model(model: nn.Module, windows: torch.Tensor, cfg: AWQConfig, 
                 linear.weight.data = w_q.to(linear.weight.dtype)  # the next block sees the quantized one
                 quantized[f"{prefix}.{name}"] = (q.cpu(), scale.cpu(), zero.cpu())
 
+    def finish(prefix: str, block: nn.Module) -> None:
+        _to_quantlinears(model, quantized, cfg.quant)
+        quantized.clear()
+
     report = quantize_blocks_one_pass(model, windows, quantize_block, device=device, batch_size=batch_size,
-                                      progress=progress, desc=f"AWQ W{cfg.quant.bits}")
-    _to_quantlinears(model, quantized, cfg.quant)
+                                      progress=progress, desc=f"AWQ W{cfg.quant.bits}", finish=finish, **placement)
     report["alphas"] = search.alphas
     return search, report
 

@@ -19,13 +19,19 @@ its last linear's output (Llama's `self_attn` returns o_proj's, its `mlp` down_p
 run again: its outputs are that linear, once quantized, applied to the inputs its own pass saw.
 So the passes cost about one forward through the block, for some memory (`replay=False` trades it
 back).
+
+Where the blocks come from and where they go is a `BlockSource`: by default the model in memory
+(each block visits the device and comes back); stream.py's reads each block from the checkpoint's
+safetensors shards and writes it, quantized, to the output's, so the float model is never whole.
+The hidden states between blocks (one (b, seqlen, hidden) tensor per batch) stay on the device
+unless `hidden_states_device` says where else, in `hidden_states_dtype` if given (fp16 halves them).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -56,20 +62,20 @@ def _to(x, device):
     return x
 
 
-def _move_all_but(module: nn.Module, keep: nn.Module, device) -> None:
-    """Move every parameter and buffer of `module` to device, except those inside `keep`."""
+def move_all_but(module: nn.Module, keep: nn.Module, device) -> None:
+    """Move every parameter and buffer of `module` to device, except those inside `keep` (and those not loaded: meta)."""
     for child in module.children():
         if child is keep:
             continue
-        if any(m is keep for m in child.modules()):
-            _move_all_but(child, keep, device)
+        if any(m is keep for m in child.modules()) or any(t.is_meta for t in [*child.parameters(), *child.buffers()]):
+            move_all_but(child, keep, device)
         else:
             child.to(device)
     for name, p in module._parameters.items():
-        if p is not None:
+        if p is not None and not p.is_meta:
             p.data = p.data.to(device)
     for name, b in module._buffers.items():
-        if b is not None:
+        if b is not None and not b.is_meta:
             module._buffers[name] = b.to(device)
 
 
@@ -77,19 +83,59 @@ def _move_all_but(module: nn.Module, keep: nn.Module, device) -> None:
 def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device):
     """Embeddings, rotary tables, final norm on `device` for the duration; always moved back."""
     home = next(model.parameters()).device
-    _move_all_but(model, blocks, device)
+    move_all_but(model, blocks, device)
     try:
         yield
     finally:
-        _move_all_but(model, blocks, home)
+        move_all_but(model, blocks, home)
+
+
+class BlockSource:
+    """Where the driver's blocks live: here, the model in memory (each block visits the device and goes home).
+
+    stream.py's source loads each block from safetensors shards instead, writes it once `done`, and
+    frees it; the driver calls the same four methods either way.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.home = next(model.parameters()).device
+
+    def outside(self, model: nn.Module, blocks: nn.ModuleList, device):
+        """A context in which the model runs up to its first block on `device` (embeddings, rotary tables)."""
+        return _outside_blocks_on(model, blocks, device)
+
+    def load(self, index: int, prefix: str, block: nn.Module, device) -> None:
+        block.to(device)
+
+    def done(self, prefix: str, block: nn.Module) -> None:
+        """The block is finished (quantized, its outputs computed); nothing to do for a model in memory."""
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """Called whatever happened, after `done` or a failure."""
+        block.to(self.home)
+
+
+class _Staged(Sequence):
+    """The hidden states as stored (maybe on the CPU, maybe fp16), each batch handed out on the device in `dtype`."""
+
+    def __init__(self, stored: list[torch.Tensor], device, dtype: torch.dtype | None):
+        self.stored, self.device, self.dtype = stored, device, dtype
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, i):
+        return self.stored[i].to(self.device, self.dtype)  # no copy when it is there already
 
 
 @torch.no_grad()
-def block_inputs(model: nn.Module, batches: list[torch.Tensor], device=None) -> tuple[list, list[dict]]:
+def block_inputs(model: nn.Module, batches: list[torch.Tensor], device=None, source: BlockSource | None = None
+                 ) -> tuple[list, list[dict]]:
     """What the first block receives for each batch: (hidden states, keyword arguments)."""
     arch = architecture(model)
     blocks = find_blocks(model, arch)
-    device = device or next(model.parameters()).device
+    source = source or BlockSource(model)
+    device = device or source.home
     inputs, kwargs = [], []
 
     def catch(module, args, kw):
@@ -101,7 +147,7 @@ def block_inputs(model: nn.Module, batches: list[torch.Tensor], device=None) -> 
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
-        with _outside_blocks_on(model, blocks, device):
+        with source.outside(model, blocks, device):
             for ids in batches:
                 with contextlib.suppress(StopForward):
                     model(input_ids=ids.to(device), **extra)
@@ -196,12 +242,15 @@ GroupQuantizer = Callable[[dict[str, nn.Linear], torch.Tensor], None]
 
 @torch.no_grad()
 def quantize_blocks_sequential(model: nn.Module, windows: torch.Tensor, quantize_group: GroupQuantizer, *, device=None,
-                               batch_size: int = 8, replay: bool = True, progress: bool = True, desc: str = "blocks") -> dict:
+                               batch_size: int = 8, replay: bool = True, progress: bool = True, desc: str = "blocks",
+                               **placement) -> dict:
     """Run the block-by-block driver; `quantize_group({name: linear}, H)` quantizes one group in place.
 
     True sequential (GPTQ): each group's H comes from inputs that went through the already-quantized
     groups before it. Returns timings and peak memory. The model keeps its device; each block visits
-    `device` in turn.
+    `device` in turn. `placement`: `finish(prefix, block)`, called once a block's outputs are known
+    (the method turns its linears into QuantLinear there); `source`, a BlockSource; hidden_states_device
+    and hidden_states_dtype, where and how the hidden states between blocks are kept (see `_drive`).
     """
     arch: Architecture = architecture(model)
 
@@ -227,7 +276,7 @@ def quantize_blocks_sequential(model: nn.Module, windows: torch.Tensor, quantize
                     replays[name] = Replay(block.get_submodule(name))
             _drop_inner(replays, len(inputs))
 
-    return _drive(model, windows, work, device=device, batch_size=batch_size, progress=progress, desc=desc)
+    return _drive(model, windows, work, device=device, batch_size=batch_size, progress=progress, desc=desc, **placement)
 
 
 class InputStats(NamedTuple):
@@ -242,19 +291,20 @@ BlockQuantizer = Callable[[str, nn.Module, list[InputStats]], None]
 
 @torch.no_grad()
 def quantize_blocks_one_pass(model: nn.Module, windows: torch.Tensor, quantize_block: BlockQuantizer, *, device=None,
-                             batch_size: int = 8, progress: bool = True, desc: str = "blocks") -> dict:
+                             batch_size: int = 8, progress: bool = True, desc: str = "blocks", **placement) -> dict:
     """The driver for methods that treat a block at once (AWQ): `quantize_block(prefix, block, stats)`.
 
     `stats[j]` are the input statistics of the block's j-th group, all from one pass of the block as
     it arrives (float, before any of its linears change); `quantize_block` may then change the whole
-    block. The next block receives the changed block's outputs, as with `quantize_blocks_sequential`.
+    block. The next block receives the changed block's outputs, as with `quantize_blocks_sequential`
+    (whose `placement` options it takes too).
     """
     arch: Architecture = architecture(model)
 
     def work(prefix: str, block: nn.Module, inputs: list, kwargs: list[dict], replays: dict) -> None:
         quantize_block(prefix, block, _input_stats(block, [block.get_submodule(g[0]) for g in arch.groups], inputs, kwargs))
 
-    return _drive(model, windows, work, device=device, batch_size=batch_size, progress=progress, desc=desc)
+    return _drive(model, windows, work, device=device, batch_size=batch_size, progress=progress, desc=desc, **placement)
 
 
 BlockWorker = Callable[[str, nn.Module, list, list[dict]], None]
@@ -262,37 +312,60 @@ BlockWorker = Callable[[str, nn.Module, list, list[dict]], None]
 
 @torch.no_grad()
 def for_each_block(model: nn.Module, windows: torch.Tensor, work: BlockWorker, *, device=None, batch_size: int = 8,
-                   progress: bool = True, desc: str = "blocks") -> dict:
+                   progress: bool = True, desc: str = "blocks", **placement) -> dict:
     """The driver for methods that read a block's inputs themselves (SmoothQuant, W8A8 calibration):
     `work(prefix, block, inputs, kwargs)` with the block on `device` and, per batch, what it receives
     (`run_with_input_hooks` runs it); the next block receives the changed block's outputs."""
     return _drive(model, windows, lambda prefix, block, inputs, kwargs, replays: work(prefix, block, inputs, kwargs),
-                  device=device, batch_size=batch_size, progress=progress, desc=desc)
+                  device=device, batch_size=batch_size, progress=progress, desc=desc, **placement)
 
 
-def _drive(model: nn.Module, windows: torch.Tensor, work, *, device, batch_size: int, progress: bool, desc: str) -> dict:
-    """Capture the first block's inputs, then per block: to `device`, `work(...)`, its outputs, home."""
+def _drive(model: nn.Module, windows: torch.Tensor, work, *, device, batch_size: int, progress: bool, desc: str,
+           finish=None, source: BlockSource | None = None, hidden_states_device=None,
+           hidden_states_dtype: torch.dtype | None = None) -> dict:
+    """Capture the first block's inputs, then per block: load it on `device`, `work(...)`, its outputs,
+    `finish(prefix, block)`, `source.done`, and (always) `source.release`.
+
+    The hidden states are kept on `hidden_states_device` (default: `device`) in `hidden_states_dtype`
+    (default: as the model computes them) and handed to each block on `device` in its dtype, one batch
+    at a time; their size is in the report (`hidden_states_bytes`, one copy: between blocks there are two).
+    """
     prefix, blocks = architecture(model).locate_blocks(model)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
+    source = source or BlockSource(model)
+    device = torch.device(device) if device is not None else source.home
+    store = torch.device(hidden_states_device) if hidden_states_device is not None else device
     batches = batched(windows, batch_size)
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    inputs, kwargs = block_inputs(model, batches, device)
+    inputs, kwargs = block_inputs(model, batches, device, source)
+    inputs = [x.to(store, hidden_states_dtype) for x in inputs]
     kwargs = [_to(kw, device) for kw in kwargs]
+    block_seconds = []
     for i, block in enumerate(tqdm(blocks, desc=desc, disable=not progress)):
         replays: dict[str, Replay] = {}  # filled by `work`; they speed up the outputs pass
+        block_start = time.perf_counter()
         try:
-            block.to(device)
-            work(f"{prefix}.{i}", block, inputs, kwargs, replays)
-            inputs = _outputs(block, inputs, kwargs, list(replays.values()))
+            source.load(i, f"{prefix}.{i}", block, device)
+            dtype = next(block.parameters()).dtype if hidden_states_dtype is not None else None
+            staged = _Staged(inputs, device, dtype)
+            work(f"{prefix}.{i}", block, staged, kwargs, replays)
+            inputs = [out.to(store, hidden_states_dtype) for out in _outputs(block, staged, kwargs, list(replays.values()))]
+            del staged
+            for r in replays.values():
+                r.remove()
+            if finish is not None:
+                finish(f"{prefix}.{i}", block)
+            source.done(f"{prefix}.{i}", block)
+            block_seconds.append(time.perf_counter() - block_start)
         finally:  # whatever happens, the model is left as it was found: no replays, every block home
             for r in replays.values():
                 r.remove()
-            block.to(home)
+            source.release(i, block)
     report = {"seconds": time.perf_counter() - start, "blocks": len(blocks),
-              "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "device": str(device)}
+              "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "device": str(device),
+              "hidden_states_bytes": sum(x.numel() * x.element_size() for x in inputs),
+              "hidden_states_device": str(store), "block_seconds": block_seconds}
     if device.type == "cuda":
         report["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     return report
@@ -378,7 +451,9 @@ class _Accumulator:
     def result(self) -> InputStats:
         if self.n == 0:
             raise RuntimeError("the block never called a linear of the architecture table: it does not match the model")
-        H = self.XXt.tril() + self.XXt.tril(-1).T
+        H = self.XXt.tril_()  # the lower triangle mirrored: in place, one K x K temporary
+        H += H.tril(-1).T
+        self.XXt = None
         return InputStats(H.mul_(2 / self.n), self.abs_sum / self.n, self.n)
 
 
@@ -410,5 +485,14 @@ def _with_first(out, value):
     return type(out)((value, *out[1:])) if isinstance(out, tuple | list) else value
 
 
-def _outputs(block: nn.Module, inputs: list, kwargs: list[dict], replays: list[Replay]) -> list:
-    return _for_each_batch(replays, inputs, kwargs, lambda x, kw: _run(block, x, kw))
+def _outputs(block: nn.Module, inputs, kwargs: list[dict], replays: list[Replay]) -> list:
+    """The block's output for every batch; staged inputs are let go batch by batch (the last use of them), so the
+    hidden states are not held twice over at the end of the pass."""
+    outs = []
+    for b, kw in enumerate(kwargs):
+        for r in replays:
+            r.batch = b
+        outs.append(_run(block, inputs[b], kw))
+        if isinstance(inputs, _Staged):
+            inputs.stored[b] = None
+    return outs

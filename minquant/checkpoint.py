@@ -95,7 +95,7 @@ def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = t
     if not counts:
         raise ValueError("the model has no QuantLinear layers: quantize it first (minquant.quantize)")
     config = copy.deepcopy(model.config)
-    config.quantization_config = _quantization_config_of(model, counts.most_common(1)[0][0])
+    config.quantization_config = quantization_config_of(model, counts.most_common(1)[0][0])
     config.dtype = dtype
     with new_folder(out_dir, overwrite) as tmp:  # checks the destination before any tensor is converted
         write_model_files(tmp, _storable_state(model, dtype), config, model, tokenizer)
@@ -109,39 +109,52 @@ def save_quantized(model, tokenizer, out_dir: str | Path, dtype: torch.dtype = t
 def write_model_files(folder: Path, state: dict[str, torch.Tensor], config, model, tokenizer) -> None:
     """A Hugging Face model folder's files: model.safetensors, config.json, generation config, tokenizer."""
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    write_metadata(folder, config, getattr(model, "generation_config", None), tokenizer)
+
+
+def write_metadata(folder: Path, config, generation_config, tokenizer) -> None:
+    """The files beside the weights: config.json, generation config, tokenizer (stream.py writes the weights itself)."""
     config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
 
 def _storable_state(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict with float tensors in `dtype`; a clear error for one that does not fit (1e5 in fp16)."""
+    """The state dict with float tensors in `dtype` (lm_head once, as the embedding, when tied)."""
+    state = storable_tensors(model.state_dict(), dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # stored once, as the embedding
+    return state
+
+
+def storable_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Float tensors in `dtype`, all contiguous; a clear error for one that does not fit (1e5 in fp16)."""
     state = {}
-    for name, t in model.state_dict().items():
+    for name, t in tensors.items():
         if t.is_floating_point():
             stored = t.to(dtype)
-            if not torch.isfinite(stored).all():
+            if not all(torch.isfinite(c).all() for c in stored.reshape(-1).split(1 << 22)):  # (a few MB at a time)
                 why = "NaN/Inf values" if not torch.isfinite(t).all() else \
                     f"values up to {float(t.abs().max()):.4g}, beyond {dtype}'s largest ({torch.finfo(dtype).max:.5g})"
                 raise ValueError(f"cannot store {name} in {dtype}: it has {why}; save with dtype=torch.float32 "
                                  "(or torch.bfloat16) if the values are meant")
             t = stored
         state[name] = t.contiguous()
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # stored once, as the embedding
     return state
 
 
-def _quantization_config_of(model, base: QuantConfig) -> dict:
-    """config.json's block: the format read off the layers, how it was made from what quantize (or a load) left."""
+def quantization_config_of(model, base: QuantConfig, permuted: bool | None = None) -> dict:
+    """config.json's block: the format read off the layers, how it was made from what quantize (or a load) left.
+    `permuted`: whether any layer's columns are in act-order (read off the layers when not given)."""
     known = getattr(model.config, "quantization_config", None)  # set by minquant.quantize or load_quantized
     made_by_us = isinstance(known, dict) and known.get("quantized_by") == "minquant"
     how = {k: known[key] for k, key in (("method", "minquant_method"), ("static_groups", "static_groups"),
                                           ("damp_percent", "damp_percent"), ("true_sequential", "true_sequential"))
            if key in known} if made_by_us else {}
-    permuted = any(m.act_order for m in model.modules() if isinstance(m, QuantLinear))
+    if permuted is None:
+        permuted = any(m.act_order for m in model.modules() if isinstance(m, QuantLinear))
     qc = quantization_config(base, ("lm_head",), desc_act=permuted or bool(made_by_us and known.get("desc_act")), **how)
     dynamic = _dynamic(model, base)
     if dynamic:

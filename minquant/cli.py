@@ -95,8 +95,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     check_destination(args.out, args.overwrite)  # before the long work, not after it
     check_device(args.device)
-    print(f"loading {args.model} ...", flush=True)
-    model = load_any(args.model)
+    if not args.stream:
+        print(f"loading {args.model} ...", flush=True)
+        model = load_any(args.model)
     start = time.perf_counter()
     from minquant.api import reads_calibration
 
@@ -111,6 +112,19 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     options |= {"damp": args.damp} if args.damp is not None else {}
     options |= {k: v for k, v in (("activations", args.activations), ("alpha", args.alpha)) if v is not None}
     options |= {"smoothquant": True} if args.smoothquant else {}
+    if args.stream:  # never the whole float model in memory: block by block from its shards to the output's
+        from minquant.api import quantize_streamed
+
+        out, report = quantize_streamed(args.model, args.out, args.method, bits=args.bits, group_size=args.group_size,
+                                        sym=args.sym, full_range=args.full_range, bits_budget=args.bits_budget,
+                                        device=args.device, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                                        **data, **options)
+        print(f"\nstreamed {report['method'].upper()} W{args.bits} g{args.group_size}: {report['seconds_total']:.1f} s; "
+              f"saved {out} ({disk_bytes(out) / 1e6:.1f} MB of weights in {len(report['shards'])} shard(s))")
+        if args.eval_windows:
+            r = minquant.evaluate(minquant.load(out), "wikitext2", max_windows=args.eval_windows)
+            print(f"WikiText-2 test perplexity ({r.windows} windows of {r.seqlen}): {r.ppl:.3f}")
+        return
     minquant.quantize(model, args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
                       full_range=args.full_range, bits_budget=args.bits_budget, device=args.device, **data, **options)
     seconds = time.perf_counter() - start
@@ -180,7 +194,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         registry.update_readme()
         print(f"updated the results tables in {registry.results.README}")
         return
-    options = {k: getattr(args, k) for k in ("only", "redo", "max_windows", "seqlen", "model", "n_samples", "device")}
+    options = {k: getattr(args, k) for k in ("only", "redo", "max_windows", "seqlen", "model", "n_samples", "device",
+                                             "shape", "methods")}
     path = registry.run(args.which, **options)
     print(f"saved {path}\n\n{registry.table(path.stem)}")
 
@@ -221,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         'minquant quantize smollm2-135m --method rtn --bits 8 --group-size -1 --out smollm2-w8',
         'minquant quantize smollm2-135m --method awq --bits 4 --group-size 64 --out smollm2-awq',
         'minquant quantize meta-llama/Llama-3.2-1B --bits 4 --device cuda --out llama-gptq',
+        'minquant quantize meta-llama/Llama-3.1-70B --stream --device cuda --out llama70b-gptq  # bigger than memory',
         'minquant quantize smollm2-135m --no-act-order --group-size 64 --out smollm2-plain-gptq',
         'minquant quantize smollm2-135m --bits 3 --group-size 64 --eval-windows 16 --out w3',
         'minquant quantize smollm2-135m --bits-budget 3.5 --group-size 64 --out smollm2-mixed',
@@ -261,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="where each block is quantized (cuda, cpu); default: the model's")
     p.add_argument("--eval-windows", type=non_negative_int, default=0, help="also score N WikiText-2 test windows of 2048 tokens")
+    p.add_argument("--stream", action="store_true", help="rtn/gptq/awq on a safetensors model bigger than memory: one block "
+                   "at a time from its shards, written shard by shard (same tensors, bit for bit)")
+    p.add_argument("--max-shard-size", default="2GB", help="with --stream: the largest output shard (e.g. 5GB, 500MB)")
 
     p = _subcommand(sub, cmd_bench, "measure and save numbers to data/results/", [
         'minquant bench rtn                  # quick CPU protocol: 16 windows',
@@ -287,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="paper: Hub id or folder (default facebook/opt-125m); demo: the model")
     p.add_argument("--n-samples", type=int, default=None, help="paper: C4 calibration windows (default 128)")
     p.add_argument("--device", default=None, help="rtn: cpu (default) or cuda; paper: default cuda when there is one")
+    p.add_argument("--shape", default=None, help="scale: the random Llama's shape (cpu-3gb, llama-3-8b, ci)")
+    p.add_argument("--methods", nargs="+", default=None, choices=["rtn", "gptq", "awq"], help="scale: methods to run")
 
     p = _subcommand(sub, cmd_demo, "RTN vs GPTQ vs AWQ on the packaged SmolLM2: one table, save, reload, generate", [
         'minquant demo                       # ~6 min on 2 CPU cores (make demo)',

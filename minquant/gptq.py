@@ -103,13 +103,22 @@ def search_qparams(w: torch.Tensor, cfg: QuantConfig, steps: int = 80, norm: flo
 
 def hessian_inverse_cholesky(H: torch.Tensor, damp: float, retries: int = 6) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp x10 until H is positive definite."""
-    K = H.shape[0]
-    mean_diag = H.diagonal().mean()
-    eye = torch.eye(K, dtype=H.dtype, device=H.device)
+    return _inverse_factor(H.clone, H.diagonal().mean(), damp, retries)
+
+
+def _inverse_factor(copy_of_H, mean_diag: torch.Tensor, damp: float, retries: int = 6) -> tuple[torch.Tensor, float]:
+    """hessian_inverse_cholesky of the matrix `copy_of_H()` makes, each attempt on a fresh copy that it damps in
+    place: at most three K x K matrices alive at once (the caller's H, the damped copy or a factor, the next)."""
     for attempt in range(retries + 1):
-        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        damped = copy_of_H()
+        damped.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 if attempt:
                     warnings.warn(f"H was not positive definite: damping raised to {damp:g} of its mean diagonal")
@@ -122,7 +131,7 @@ def _check(W: torch.Tensor, H: torch.Tensor) -> None:
     if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"expected W (N, K) and H (K, K), got W {tuple(W.shape)} and H {tuple(H.shape)}")
     for t, what in ((W, "W has"), (H, "its calibration inputs (H) have")):
-        if not torch.isfinite(t).all():
+        if not all(torch.isfinite(c).all() for c in t.reshape(-1).split(1 << 22)):  # (a few MB at a time)
             raise ValueError(f"{what} NaN/Inf values")
 
 
@@ -135,10 +144,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResu
     N, K = W.shape
     G = qc.groups(K)
     g = K // G
-    W, H = W.detach().float().clone(), H.detach().float().clone()
+    W, H = W.detach().float().clone(), H.detach().float()
 
     dead = H.diagonal() == 0  # inputs that were always zero: their weights never matter
-    H[dead, dead] = 1
     W[:, dead] = 0
 
     # Scale/zero of every group from the original W: used per channel, or with static_groups.
@@ -146,14 +154,22 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResu
     if G == 1 or cfg.static_groups:
         fixed = qparams(W, qc)  # (N, G) each
 
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if cfg.act_order else torch.arange(K, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv, damp = hessian_inverse_cholesky(H, cfg.damp)
+    diagonal = torch.where(dead, 1.0, H.diagonal())
+    perm = torch.argsort(diagonal, descending=True, stable=True) if cfg.act_order else torch.arange(K, device=W.device)
+    W = W[:, perm]
+
+    def swept_H() -> torch.Tensor:  # H in the sweep's order, dead inputs' diagonal 1: a copy, made when needed
+        Hp = H[perm][:, perm] if cfg.act_order else H.clone()
+        Hp.diagonal().copy_(diagonal[perm])
+        return Hp
+
+    Hinv, damp = _inverse_factor(swept_H, diagonal[perm].mean(), cfg.damp)
 
     # Work on W^T (K, N) so that the column being rounded, and each update, is one contiguous row.
     Wt, Qt = W.t().contiguous(), torch.zeros(K, N, device=W.device)
-    scale, zero = torch.zeros(G, N, device=W.device), torch.zeros(G, N, device=W.device)
-    group_of = (perm // g if fixed is not None else torch.arange(K, device=W.device) // g).tolist()  # by swept position
+    del W
+    scale, zero = torch.zeros(G, N, device=Wt.device), torch.zeros(G, N, device=Wt.device)
+    group_of = (perm // g if fixed is not None else torch.arange(K, device=Wt.device) // g).tolist()  # by swept position
     if fixed is not None:
         scale, zero = fixed[0].t().contiguous(), fixed[1].t().contiguous()
     loss = 0.0
@@ -177,7 +193,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResu
         Wt[i2:] -= Hinv[i1:i2, i2:].t() @ Err1  # the lazy update of everything after the block
 
     inv = torch.argsort(perm)
-    g_idx = torch.tensor(group_of, device=W.device)[inv].to(torch.int32)  # group of each original column
+    g_idx = torch.tensor(group_of, device=Wt.device)[inv].to(torch.int32)  # group of each original column
     Q = Qt[inv].t().to(torch.uint8).contiguous()
     scale, zero = scale.t().contiguous(), zero.t().contiguous()
     return GPTQResult(Q, scale, zero, g_idx, loss, damp)
@@ -190,24 +206,28 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> GPTQResu
 @torch.no_grad()
 def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQConfig, *, device=None,
                         batch_size: int = 8, plan: dict | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, **placement) -> dict:
     """GPTQ every linear of every block on calibration `windows` (n, seqlen); linears become QuantLinear.
 
     `cfg.true_sequential=False`: every group's H from the block's float inputs, one pass per block (as
     llm-compressor does), instead of inputs that went through the block's already-quantized linears.
     `plan` (mixed precision): {full layer name: QuantConfig, or None to keep it float}; a layer in it
     gets that grid instead of cfg.quant. Returns a report: total seconds, per-layer loss and
-    damping. lm_head and embeddings stay float.
+    damping. lm_head and embeddings stay float. Each block's linears become QuantLinear as soon as
+    the block is done; `placement` goes to the driver (calibrate.py: a BlockSource, where the hidden
+    states live, `replay`). With a streamed source the layers are checked as each block arrives.
     """
     from minquant.calibrate import check_linears, quantize_blocks_sequential, quantize_blocks_one_pass
     from minquant.models import architecture
     from minquant.nn import replace_linear
 
     arch = architecture(model)
-    check_linears(model, arch, cfg.quant, plan)  # every layer, before changing any
+    if placement.get("source") is None:
+        check_linears(model, arch, cfg.quant, plan)  # every layer, before changing any
     layer_cfgs = {name: None if q is None else replace(cfg, quant=q) for name, q in (plan or {}).items()}
 
-    results: dict[str, GPTQResult] = {}
+    results: dict[str, GPTQResult] = {}  # the block's, until `finish` stores them
+    layers: dict[str, dict] = {}
 
     def quantize_group(linears: dict[str, torch.nn.Linear], H: torch.Tensor) -> None:
         for name, linear in linears.items():
@@ -221,17 +241,24 @@ def gptq_quantize_model(model: torch.nn.Module, windows: torch.Tensor, cfg: GPTQ
             linear.weight.data = r.dequantize(linear.weight.dtype)  # later groups see the quantized layer
             results[name] = GPTQResult(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in r))
 
+    def finish(prefix: str, block: torch.nn.Module) -> None:
+        for name, r in results.items():
+            replace_linear(model, name, r.q, r.scale, r.zero, r.g_idx, (layer_cfgs.get(name) or cfg).quant)
+            layers[name] = {"loss": r.loss, "damp": r.damp}
+        results.clear()
+
+    desc = f"GPTQ W{cfg.quant.bits}"
+    replay = placement.pop("replay", True)  # (only the true-sequential driver re-runs parts of a block)
     if cfg.true_sequential:
+        placement["replay"] = replay
         report = quantize_blocks_sequential(model, windows, quantize_group, device=device, batch_size=batch_size,
-                                            progress=progress, desc=f"GPTQ W{cfg.quant.bits}")
+                                            progress=progress, desc=desc, finish=finish, **placement)
     else:
         def quantize_block(prefix, block, stats):
             for group, st in zip(arch.groups, stats):
                 quantize_group({f"{prefix}.{name}": block.get_submodule(name) for name in group}, st.H)
 
         report = quantize_blocks_one_pass(model, windows, quantize_block, device=device, batch_size=batch_size,
-                                          progress=progress, desc=f"GPTQ W{cfg.quant.bits}")
-    for name, r in results.items():
-        replace_linear(model, name, r.q, r.scale, r.zero, r.g_idx, (layer_cfgs.get(name) or cfg).quant)
-    report["layers"] = {name: {"loss": r.loss, "damp": r.damp} for name, r in results.items()}
+                                          progress=progress, desc=desc, finish=finish, **placement)
+    report["layers"] = layers
     return report

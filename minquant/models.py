@@ -96,7 +96,7 @@ def cache_folder(name: str) -> Path | None:
     return root / f"{name}-{pm.version}"
 
 
-def _cached_source(name: str) -> str | None:
+def cached_source(name: str) -> str | None:
     """The cache folder of a packaged GGUF model, written first if missing (atomically: a temporary
     folder renamed into place, so a half-written cache is never read)."""
     folder = cache_folder(name)
@@ -149,7 +149,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    cached = _cached_source(name_or_path)  # packaged GGUF models: dequantized once, then read back
+    cached = cached_source(name_or_path)  # packaged GGUF models: dequantized once, then read back
     source, extra = (cached, {}) if cached else _resolve(name_or_path)
     config = _hub_call(AutoConfig.from_pretrained, name_or_path, source, **extra)
     auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel

@@ -99,6 +99,24 @@ def test_tiny_llama_gptq(act_order, tmp_path):
     torch.testing.assert_close(theirs["logits"], ours(tmp_path / "ckpt", ids), rtol=1e-3, atol=1e-3)
 
 
+def test_streamed_sharded_checkpoint(tmp_path):
+    """A streamed GPTQ checkpoint in several shards with model.safetensors.index.json (minquant/stream.py) loads
+    with plain from_pretrained, as a single-file one does: transformers follows the index."""
+    import json
+
+    import minquant
+
+    tiny_llama_model().save_pretrained(tmp_path / "float", max_shard_size="100KB")
+    calib = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(1))
+    out = minquant.quantize(str(tmp_path / "float"), "gptq", bits=4, group_size=32, calib=calib, progress=False,
+                            out_dir=tmp_path / "ckpt", max_shard_size="100KB")
+    assert len(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())) > 2
+    ids = torch.arange(24).reshape(2, 12)
+    theirs = third_party_logits(out, ids, 4, tmp_path)
+    assert "gptqmodel.TorchLinear" in theirs["kinds"], theirs["kinds"]
+    torch.testing.assert_close(theirs["logits"], ours(out, ids), rtol=1e-3, atol=1e-3)
+
+
 LOAD_WITH_GPTQMODEL = """
 import sys, torch
 from gptqmodel import BACKEND, GPTQModel

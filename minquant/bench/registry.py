@@ -47,6 +47,8 @@ BENCHMARKS = {
     "paper": Benchmark("paper", "paper_*", "the GPTQ paper's protocol on --model (a Table 3 row for OPT-125M)",
                        ("model", "device", "n_samples", "seqlen", "max_windows")),
     "demo": Benchmark("demo", "demo_smollm2", "what make demo measures", ("model", "max_windows")),
+    "scale": Benchmark("scale", "scale_*", "a model bigger than memory: streamed quantization, peak memory, bit for bit",
+                       ("shape", "device", "methods", "n_samples", "seqlen")),
 }
 
 

@@ -1,0 +1,228 @@
+"""`minquant bench scale`: quantizing a model bigger than memory, measured (minquant/stream.py, README
+"Quantizing a big model").
+
+A random-init Llama-shaped model is written as safetensors shards (`make_model`, one tensor at a
+time: the maker never holds it whole either). Each run then happens in a fresh process, so that its
+peak resident memory (VmHWM) is its own: the streamed path (`minquant.quantize(folder, out_dir=...)`)
+and, with `compare`, the in-memory path (load the float model, quantize, save) on the same model and
+calibration, whose checkpoints are then compared tensor by tensor, bit for bit.
+
+    minquant bench scale                              # CPU: a 3.3 GB fp32 Llama, RTN and GPTQ, both paths
+    minquant bench scale --shape llama-3-8b --device cuda --methods gptq awq   # a GPU: bf16 shards, streamed only
+
+Writes data/results/scale_cpu.json (or scale_<gpu>.json). The memory target the issue set: peak RSS
+below half the model, and within (largest block + embeddings + calibration activations) x 1.2 above
+what the interpreter holds once torch and transformers are imported (`baseline_rss`); "embeddings"
+are the input embedding and the output head, the two tensors the streamed path reads whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # Llama configs; vocab 49152 = SmolLM2's tokenizer, whose ids the calibration uses
+    "cpu-3gb": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=14, num_attention_heads=32,
+                    num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=False),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "ci": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+               num_key_value_heads=4, vocab_size=49152, tie_word_embeddings=False),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_model(folder: Path, shape: str | dict, dtype: str = "fp32", max_shard_size: str = "1GB", seed: int = 0) -> Path:
+    """Write a random Llama (weights N(0, 0.02) as transformers initialises them, norms 1) as shards, with SmolLM2's
+    tokenizer; one tensor in memory at a time (plus a shard's worth). Atomic: the folder is whole or absent."""
+    import transformers as T
+
+    from minquant.atomic import new_folder
+    from minquant.checkpoint import load_tokenizer
+    from minquant.models import cached_source
+    from minquant.shards import ShardWriter, parse_size
+
+    fields = SHAPES[shape] if isinstance(shape, str) else shape
+    config = T.LlamaConfig(max_position_embeddings=4096, **fields)
+    config.dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        meta = T.LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    with new_folder(folder, overwrite=True) as tmp:
+        writer = ShardWriter(tmp, parse_size(max_shard_size))
+        for name, t in meta.state_dict().items():
+            value = torch.ones(t.shape) if name.endswith("norm.weight") else torch.randn(t.shape, generator=gen) * 0.02
+            writer.add({name: value.to(DTYPES[dtype])})
+        writer.close()
+        config.save_pretrained(tmp)
+        load_tokenizer(Path(cached_source("smollm2-135m"))).save_pretrained(tmp)
+    return folder
+
+
+def model_bytes(folder: Path) -> dict:
+    """Sizes from the shards' headers: the whole model, its largest block, its embeddings (input and output)."""
+    from minquant.shards import Checkpoint
+
+    ck = Checkpoint(folder)
+    size = {n: _nbytes(dt, shape) for n, (dt, shape) in ck.header.items()}
+    blocks: dict[str, int] = {}
+    for n, b in size.items():
+        m = re.match(r"(model\.layers\.\d+)\.", n)
+        if m:
+            blocks[m.group(1)] = blocks.get(m.group(1), 0) + b
+    return {"model": sum(size.values()), "largest_block": max(blocks.values()), "blocks": len(blocks),
+            "embeddings": size.get("model.embed_tokens.weight", 0) + size.get("lm_head.weight", 0)}
+
+
+def _nbytes(dtype: str, shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dtype, 4)
+
+
+def child(args: list[str]) -> dict:
+    """One run, in this (fresh) process: print what it measured as JSON on the last line."""
+    mode, method, src, out, n_samples, seqlen, device, batch_size = args
+    import importlib
+
+    import minquant
+
+    for module in ("safetensors.torch", "transformers.models.llama.modeling_llama", "minquant.awq", "minquant.gptq",
+                   "minquant.stream"):  # before the baseline is read: every run needs them
+        importlib.import_module(module)
+
+    baseline = _status("VmRSS")
+    calib = {} if method == "rtn" else {"calib": "c4", "n_samples": int(n_samples), "seqlen": int(seqlen),
+                                        "batch_size": int(batch_size)}
+    options = {"group_size": 128, "sym": False, "device": None if device == "cpu" else device, "progress": False}
+    start = time.perf_counter()
+    if mode == "stream":
+        from minquant.api import quantize_streamed
+
+        _, report = quantize_streamed(src, out, method, overwrite=True, **calib, **options)
+    else:
+        from minquant.models import load_model
+
+        model, _ = load_model(src)
+        minquant.quantize(model, method, **calib, **options)
+        report = dict(model.quantization_report)
+        minquant.save(model, out, overwrite=True)
+    report = {k: v for k, v in report.items() if k not in ("layers", "alphas", "read_seconds")}
+    record = {"mode": mode, "method": method, "seconds": time.perf_counter() - start, "baseline_rss": baseline,
+              "peak_rss": _status("VmHWM"), "report": report}
+    if torch.cuda.is_available() and device != "cpu":
+        record["cuda_peak"] = torch.cuda.max_memory_allocated()
+    print(json.dumps(record, default=str))
+    return record
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def run_child(mode: str, method: str, src: Path, out: Path, n_samples: int, seqlen: int, device: str,
+              batch_size: int = 4) -> dict:
+    cmd = [sys.executable, "-m", "minquant.bench.scale", mode, method, str(src), str(out), str(n_samples), str(seqlen),
+           device, str(batch_size)]
+    print(f"{mode} {method} ...", flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {record['seconds']:.1f} s, peak RSS {record['peak_rss'] / 1e9:.2f} GB "
+          f"(after imports {record['baseline_rss'] / 1e9:.2f} GB)", flush=True)
+    return record
+
+
+def identical(a: Path, b: Path) -> dict:
+    """Are two checkpoints' tensors the same, name for name, bit for bit? (and how many tensors, how many differ)"""
+    from minquant.checkpoint import read_safetensors
+
+    ta, _ = read_safetensors(a)
+    tb, _ = read_safetensors(b)
+    differ = sorted(k for k in set(ta) & set(tb) if ta[k].dtype != tb[k].dtype or not torch.equal(ta[k], tb[k]))
+    return {"identical": set(ta) == set(tb) and not differ, "tensors": len(ta), "differ": differ[:5],
+            "only_in_one": sorted(set(ta) ^ set(tb))[:5],
+            "config_equal": json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())}
+
+
+def run(out: Path | None = None, shape: str = "cpu-3gb", dtype: str | None = None, device: str = "cpu",
+        methods=("rtn", "gptq"), compare: bool | None = None, n_samples: int = 32, seqlen: int = 512,
+        work: Path | None = None) -> Path:
+    """Make the model (once; kept in `work`), quantize it streamed (and in memory, `compare`), save the figures."""
+    from minquant.bench.results import RESULTS_DIR, save_results
+    from minquant.cache import cache_root
+
+    dtype = dtype or ("fp32" if device == "cpu" else "bf16")
+    compare = device == "cpu" if compare is None else compare
+    work = Path(work or (cache_root() or Path("/tmp")) / "scale")
+    src = work / f"{shape}-{dtype}"
+    if not (src / "config.json").is_file():
+        print(f"writing a random {shape} model ({dtype}) to {src} ...", flush=True)
+        make_model(src, shape, dtype)
+    sizes = model_bytes(src)
+    results = {"model": {"shape": shape, "dtype": dtype, **sizes}}
+    for method in methods:
+        row = {"stream": run_child("stream", method, src, work / f"out-stream-{method}", n_samples, seqlen, device)}
+        if compare:
+            row["memory"] = run_child("memory", method, src, work / f"out-memory-{method}", n_samples, seqlen, device)
+            row["bit_for_bit"] = identical(work / f"out-stream-{method}", work / f"out-memory-{method}")
+            print(f"  streamed == in memory: {row['bit_for_bit']['identical']}", flush=True)
+        row["target"] = _target(row["stream"], sizes)
+        results[method] = row
+    gpu = torch.cuda.get_device_name() if device != "cpu" and torch.cuda.is_available() else None
+    name = "scale_" + (re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_") if gpu else "cpu")
+    protocol = {"calibration": f"C4, {n_samples} x {seqlen} tokens (GPTQ, AWQ), 4 windows per batch",
+                "grid": "W4 g128 asymmetric",
+                "gptq": "act-order, static groups (the defaults); streamed without replay", "device": device,
+                "peak": "VmHWM of a fresh process per run (imports included); baseline_rss: VmRSS after imports"}
+    return save_results(name, protocol, results, out or RESULTS_DIR / f"{name}.json")
+
+
+def _target(record: dict, sizes: dict) -> dict:
+    """The issue's targets for a streamed run: below half the model; and block + embedding + activations, +20%."""
+    hidden = 2 * record["report"].get("hidden_states_bytes", 0)  # a block's inputs and its outputs
+    budget = 1.2 * (sizes["largest_block"] + sizes["embeddings"] + hidden)
+    above = record["peak_rss"] - record["baseline_rss"]
+    return {"half_model": sizes["model"] / 2, "below_half": record["peak_rss"] < sizes["model"] / 2,
+            "budget_above_baseline": budget, "peak_above_baseline": above, "within_budget": above <= budget}
+
+
+def table(record: dict) -> str:
+    """Markdown: per method and path, seconds and peak memory; the targets; bit-for-bit equality."""
+    r, m = record["results"], record["results"]["model"]
+    lines = [f"A random {m['shape']} Llama, {m['dtype']}, {m['model'] / 1e9:.2f} GB in shards ({m['blocks']} blocks of "
+             f"{m['largest_block'] / 1e6:.0f} MB, embeddings {m['embeddings'] / 1e6:.0f} MB); {record['protocol']['calibration']}, "
+             f"{record['protocol']['grid']}; {record['machine']['cpu']}, {record['machine']['cores']} cores"
+             + (f", {record['machine']['gpu']}" if record['machine'].get('gpu') else "") + ".", "",
+             "| method | path | seconds | s / block | peak RSS | above imports | target (block + embeddings + activations, +20%) "
+             "| below half the model | bit for bit |", "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for method in (k for k in r if k != "model"):
+        row = r[method]
+        for path in ("stream", "memory"):
+            if path not in row:
+                continue
+            run = row[path]
+            per_block = run["report"].get("block_seconds") or []
+            t = row["target"] if path == "stream" else None
+            lines.append(
+                f"| {method.upper()} | {'streamed' if path == 'stream' else 'in memory'} | {run['seconds']:.0f} | "
+                + (f"{sum(per_block) / len(per_block):.1f}" if per_block else "-") + f" | {run['peak_rss'] / 1e9:.2f} GB | "
+                f"{(run['peak_rss'] - run['baseline_rss']) / 1e9:.2f} GB | "
+                + (f"{t['budget_above_baseline'] / 1e9:.2f} GB ({'met' if t['within_budget'] else 'missed'})" if t else "-")
+                + " | " + ("yes" if run["peak_rss"] < m["model"] / 2 else "no")
+                + " | " + ({True: "identical", False: "differ"}[row["bit_for_bit"]["identical"]]
+                           if "bit_for_bit" in row and path == "stream" else "") + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    child(sys.argv[1:])
