@@ -152,7 +152,7 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
     too large for fp16 scales, the device). If the method still fails part-way, blocks already done
     stay overwritten: the model is then marked, and every later forward, quantize or save refuses it.
     """
-    from minquant.checkpoint import quantization_config
+    from minquant.checkpoint import method_quantization_config
     from minquant.models import check_float, check_usable, mark_unusable
 
     placement = {k: v for k, v in (("hidden_states_device", hidden_states_device),
@@ -217,10 +217,7 @@ def quantize(model, method: str = "gptq", *, tokenizer=None, bits: int = 4, grou
         report["calibration"] = _calibration_report(calib, windows, seed)
     if plan is not None:
         report["mixed_plan"] = model.mixed_plan.to_json()
-    gptq = method == "gptq"
-    model.config.quantization_config = quantization_config(
-        quant, ("lm_head",), method=method, desc_act=gptq and cfg.act_order, static_groups=gptq and cfg.static_groups,
-        damp_percent=cfg.damp if gptq else 0.01, true_sequential=gptq and cfg.true_sequential)
+    model.config.quantization_config = method_quantization_config(method, cfg)
     model.quantization_report = report
     return model
 

@@ -485,7 +485,7 @@ def _with_first(out, value):
     return type(out)((value, *out[1:])) if isinstance(out, tuple | list) else value
 
 
-def _outputs(block: nn.Module, inputs, kwargs: list[dict], replays: list[Replay]) -> list:
+def _outputs(block: nn.Module, inputs: _Staged, kwargs: list[dict], replays: list[Replay]) -> list:
     """The block's output for every batch; staged inputs are let go batch by batch (the last use of them), so the
     hidden states are not held twice over at the end of the pass."""
     outs = []
@@ -493,6 +493,5 @@ def _outputs(block: nn.Module, inputs, kwargs: list[dict], replays: list[Replay]
         for r in replays:
             r.batch = b
         outs.append(_run(block, inputs[b], kw))
-        if isinstance(inputs, _Staged):
-            inputs.stored[b] = None
+        inputs.stored[b] = None
     return outs

@@ -35,6 +35,16 @@ def quantization_config(cfg: QuantConfig, skip: tuple[str, ...] = (), *, method:
             "quantized_by": "minquant", "minquant_method": method, "skipped_modules": list(skip)}
 
 
+def method_quantization_config(method: str, cfg) -> dict:
+    """The block `minquant.quantize` records for RTN (cfg a QuantConfig), GPTQ (a GPTQConfig) or AWQ (an AWQConfig):
+    the grid, and how GPTQ swept and damped; `save` then reads the layers' format on top of it."""
+    gptq = method == "gptq"
+    quant = cfg if method == "rtn" else cfg.quant
+    return quantization_config(quant, ("lm_head",), method=method, desc_act=gptq and cfg.act_order,
+                               static_groups=gptq and cfg.static_groups, damp_percent=cfg.damp if gptq else 0.01,
+                               true_sequential=gptq and cfg.true_sequential)
+
+
 def _dynamic(model, base: QuantConfig) -> dict[str, dict]:
     """GPTQModel's per-module overrides (`dynamic`, which vLLM also reads): for each QuantLinear stored
     differently from `base`, "+:<its name>$" -> its bits/group_size/sym; for each linear of a block left

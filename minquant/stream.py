@@ -262,12 +262,9 @@ def quantize_streamed(model: str, out_dir: str | Path, method: str, cfg, *, wind
     instead of computing them again: faster, but 2 x n_tokens x intermediate_size floats more for Llama.
     """
     from minquant.atomic import check_destination, new_folder
-    from minquant.checkpoint import quantization_config, quantization_config_of, write_metadata
+    from minquant.checkpoint import method_quantization_config, quantization_config_of, write_metadata
     from minquant.models import architecture
 
-    if method not in STREAMED_METHODS:
-        raise ValueError(f"method={method!r} is not streamed (streamed: {', '.join(STREAMED_METHODS)}); quantize it in "
-                         "memory: minquant.quantize(model, method) then minquant.save")
     quant = cfg if method == "rtn" else cfg.quant
     max_bytes = parse_size(max_shard_size)
     map_large_allocations()
@@ -304,10 +301,7 @@ def quantize_streamed(model: str, out_dir: str | Path, method: str, cfg, *, wind
         report = _run(meta, method, cfg, windows, source, placement, device=device, batch_size=batch_size,
                       progress=progress)
         _write_outside(meta, prefix, checkpoint, writer, quant, outside_linears, dtype, save_dtype)
-        gptq = method == "gptq"
-        meta.config.quantization_config = quantization_config(
-            quant, ("lm_head",), method=method, desc_act=gptq and cfg.act_order, static_groups=gptq and cfg.static_groups,
-            damp_percent=cfg.damp if gptq else 0.01, true_sequential=gptq and cfg.true_sequential)
+        meta.config.quantization_config = method_quantization_config(method, cfg)  # as quantize records it
         config = meta.config
         config.quantization_config = quantization_config_of(meta, quant, permuted=source.act_order)
         config.dtype = save_dtype

@@ -70,7 +70,7 @@ def model_bytes(folder: Path) -> dict:
     from minquant.shards import Checkpoint
 
     ck = Checkpoint(folder)
-    size = {n: _nbytes(dt, shape) for n, (dt, shape) in ck.header.items()}
+    size = {n: end - start for n, (start, end) in ck.span.items()}
     blocks: dict[str, int] = {}
     for n, b in size.items():
         m = re.match(r"(model\.layers\.\d+)\.", n)
@@ -78,13 +78,6 @@ def model_bytes(folder: Path) -> dict:
             blocks[m.group(1)] = blocks.get(m.group(1), 0) + b
     return {"model": sum(size.values()), "largest_block": max(blocks.values()), "blocks": len(blocks),
             "embeddings": size.get("model.embed_tokens.weight", 0) + size.get("lm_head.weight", 0)}
-
-
-def _nbytes(dtype: str, shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dtype, 4)
 
 
 def child(args: list[str]) -> dict:
