@@ -3,6 +3,7 @@
 #   make test   the same set-up, then pytest and nbval over every notebook
 #   make lab    JupyterLab in notebooks/
 #   make test-portable   the notebooks under nbval once per CPU rounding (run before a notebook lands)
+#   make gpu-kit   .gpu/: what a bare GPU machine lacks for the GPU benchmarks (data, SmolLM2's tokenizer)
 # VENV=path uses another environment (e.g. one with your own CUDA torch): its torch is kept.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -30,7 +31,7 @@ ifdef MINQUANT_DATA
 export MINQUANT_DATA := $(abspath $(MINQUANT_DATA))
 endif
 
-.PHONY: setup demo test test-portable lab clean
+.PHONY: setup demo test test-portable lab clean gpu-kit
 
 setup: $(STAMP)
 
@@ -83,6 +84,18 @@ test-portable: setup
 	  echo "== $(s): $$((SECONDS - start)) s"; ) \
 	if [ -n "$$failed" ]; then echo "test-portable FAILED under:$$failed"; exit 1; fi; \
 	echo "test-portable: passed under $(PORTABLE_SETTINGS)"
+
+# A lent GPU machine has torch, Triton and transformers but neither this project's data nor the packaged
+# models, and installs nothing. .gpu/ (git-ignored, a few MB) holds the evaluation/calibration data and
+# SmolLM2's tokenizer, the tokenizer of every random model `minquant bench scale` makes. There, with .gpu
+# carried: PYTHONPATH=$PWD MINQUANT_DATA=$PWD/.gpu/data python3 -m minquant.cli bench scale --device cuda
+#   --tokenizer .gpu/tokenizer ... (the commands: minquant/bench/scale.py).
+gpu-kit: setup
+	test -n "$(MINQUANT_DATA)" || { echo "gpu-kit: set MINQUANT_DATA to the data folder (../shared/data)"; exit 1; }
+	rm -rf .gpu && mkdir -p .gpu
+	cp -r $(MINQUANT_DATA) .gpu/data
+	$(PY) -c "from minquant.bench.scale import _tokenizer; _tokenizer('smollm2-135m').save_pretrained('.gpu/tokenizer')"
+	du -sh .gpu
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks

@@ -195,7 +195,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"updated the results tables in {registry.results.README}")
         return
     options = {k: getattr(args, k) for k in ("only", "redo", "max_windows", "seqlen", "model", "n_samples", "device",
-                                             "shape", "methods")}
+                                             "shape", "methods", "blocks", "tokenizer")}
     path = registry.run(args.which, **options)
     print(f"saved {path}\n\n{registry.table(path.stem)}")
 
@@ -292,7 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         'minquant bench paper --model meta-llama/Llama-3.2-1B --device cuda   # same recipe, our numbers',
         "minquant bench demo                 # the demo's numbers -> data/results/demo_smollm2.json",
         "minquant bench sass                 # the GEMV's SASS per weight, sm_80/sm_90, no GPU needed",
-        "minquant bench cpu                  # 4-bit layers and decoding on this CPU (~10 min)"])
+        "minquant bench cpu                  # 4-bit layers and decoding on this CPU (~10 min)",
+        "minquant bench scale                # a 3.3 GB model streamed on this CPU, peak memory (~12 min)",
+        "minquant bench scale --shape llama-3-70b --blocks 2 --device cuda --methods gptq   # 70B's blocks on a GPU"])
     from minquant.bench.registry import BENCHMARKS
 
     p.add_argument("which", choices=[*BENCHMARKS, "readme"], help="; ".join(
@@ -306,7 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="paper: Hub id or folder (default facebook/opt-125m); demo: the model")
     p.add_argument("--n-samples", type=int, default=None, help="paper: C4 calibration windows (default 128)")
     p.add_argument("--device", default=None, help="rtn: cpu (default) or cuda; paper: default cuda when there is one")
-    p.add_argument("--shape", default=None, help="scale: the random Llama's shape (cpu-3gb, llama-3-8b, ci)")
+    p.add_argument("--shape", default=None, help="scale: the random Llama's shape (cpu-3gb, llama-3-8b, llama-3-70b, ci)")
+    p.add_argument("--blocks", type=positive_int, default=None, help="scale: only the shape's first N decoder blocks "
+                   "(the whole shape's time is then estimated from theirs)")
+    p.add_argument("--tokenizer", default=None, help="scale: a folder with SmolLM2's tokenizer, on a machine without "
+                   "the packaged model (make gpu-kit)")
     p.add_argument("--methods", nargs="+", default=None, choices=["rtn", "gptq", "awq"], help="scale: methods to run")
 
     p = _subcommand(sub, cmd_demo, "RTN vs GPTQ vs AWQ on the packaged SmolLM2: one table, save, reload, generate", [

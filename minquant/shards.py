@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import re
 from pathlib import Path
 
@@ -146,7 +147,8 @@ class ShardWriter:
 
     Each `add` goes to disk at once, as a hidden part file (save_file needs every tensor of a file at once,
     and a shard of several blocks would otherwise wait in memory). `close` lays the parts' bytes out into
-    shards of at most `max_bytes` (a tensor is never split), copying them a few MB at a time, named
+    shards of at most `max_bytes` (a tensor is never split), copying them a few MB at a time (a shard that is
+    one whole part, the same bytes, is renamed instead), named
     model-0000k-of-0000N.safetensors with the index transformers and vLLM read (one model.safetensors when
     one shard holds everything). A full disk is named; new_folder then removes everything written.
     """
@@ -177,15 +179,20 @@ class ShardWriter:
             shards[-1].append(entry)
         n = len(shards)
         names = ["model.safetensors"] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-        left = {part: sum(1 for e in entries if e[0] == part) for part in self.parts}
+        count = {part: sum(1 for e in entries if e[0] == part) for part in self.parts}
+        left = dict(count)
         weight_map = {}
         for name, shard in zip(names, shards):
+            whole = {e[0] for e in shard} == {shard[0][0]} and count[shard[0][0]] == len(shard)
             with _disk_full_named(self.folder):
-                _write_shard(self.folder / name, shard)
+                if whole:  # the shard is one part file, which _write_shard would copy byte for byte
+                    os.replace(shard[0][0], self.folder / name)
+                else:
+                    _write_shard(self.folder / name, shard)
             for part, tensor, _ in shard:
                 weight_map[tensor] = name
                 left[part] -= 1
-                if left[part] == 0:
+                if left[part] == 0 and not whole:
                     part.unlink()  # copied whole: the disk holds the output about once
         if n > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -267,6 +267,33 @@ def test_save_tensors_is_a_safetensors_file(tmp_path):
     assert set(back) == set(tensors) and all(back[k].dtype == t.dtype and torch.equal(back[k], t) for k, t in tensors.items())
 
 
+def test_shard_writer_renames_a_whole_part_which_is_what_copying_would_write(tmp_path):
+    """A shard made of exactly one part is renamed, not copied: sound only if the copy would be the same bytes."""
+    from safetensors.torch import load_file
+
+    from minquant.shards import ShardWriter, _read_header, _write_shard, save_tensors
+
+    g = torch.Generator().manual_seed(0)
+    part = {"a": torch.randn(64, 8, generator=g), "empty": torch.zeros(0), "b": torch.randn(3, generator=g).half()}
+    save_tensors(part, tmp_path / "part.safetensors")
+    entries = [(tmp_path / "part.safetensors", n, e) for n, e in
+               sorted(_read_header(tmp_path / "part.safetensors").items(), key=lambda item: item[1][2])]
+    _write_shard(tmp_path / "copy.safetensors", entries)
+    assert (tmp_path / "copy.safetensors").read_bytes() == (tmp_path / "part.safetensors").read_bytes()
+
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out, max_bytes=64 * 8 * 4)  # "a" fills a shard: three parts, two shards (the last two share)
+    writer.add({"a": part["a"]})
+    writer.add({"b": part["b"]})
+    writer.add({"c": torch.ones(2)})
+    files = writer.close()
+    assert [f.name for f in files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f.name for f in files] + ["model.safetensors.index.json"])
+    back = load_file(files[0]) | load_file(files[1])
+    assert torch.equal(back["a"], part["a"]) and torch.equal(back["b"], part["b"]) and torch.equal(back["c"], torch.ones(2))
+
+
 def test_parse_size():
     from minquant.shards import parse_size
 
@@ -290,6 +317,48 @@ def test_cli_stream(src, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # Peak memory, measured: a fresh process per run (minquant.bench.scale)
 # ---------------------------------------------------------------------------------------------
+
+def test_scale_model_cut_to_its_first_blocks(tmp_path, minilm_tokenizer):
+    """bench scale's maker: `blocks` keeps the shape's first N blocks (the same numbers as the whole shape's), the
+    shards are whole files within the size (no part file left), the tokenizer comes from a folder."""
+    from minquant.bench.scale import make_model, model_bytes
+    from minquant.shards import Checkpoint
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)
+    minilm_tokenizer.save_pretrained(tmp_path / "tok")
+    whole = make_model(tmp_path / "whole", shape, "bf16", max_shard_size="100KB", tokenizer=str(tmp_path / "tok"))
+    cut = make_model(tmp_path / "cut", shape, "bf16", max_shard_size="100KB", blocks=2, tokenizer=str(tmp_path / "tok"))
+    assert model_bytes(whole)["blocks"] == 4 and model_bytes(cut)["blocks"] == 2
+    assert json.loads((cut / "config.json").read_text())["num_hidden_layers"] == 2
+    assert not [p for p in cut.iterdir() if p.name.startswith(".")]
+    a, b = Checkpoint(whole), Checkpoint(cut)
+    assert all(f.stat().st_size <= 100_000 or len([n for n in b.where if b.where[n] == f]) == 1 for f in set(b.where.values()))
+    shared = [n for n in b.header if not n.startswith(("lm_head", "model.norm"))]
+    assert len(shared) == 2 + 2 * 9 - 1 and all(torch.equal(a.read([n])[n], b.read([n])[n]) for n in shared)
+    assert (cut / "tokenizer_config.json").is_file()
+    with pytest.raises(ValueError, match="blocks=5: the shape has 4 blocks"):
+        make_model(tmp_path / "bad", shape, blocks=5, tokenizer=str(tmp_path / "tok"))
+    with pytest.raises(FileNotFoundError, match="tokenizer 'nope': neither a packaged model nor a folder"):
+        make_model(tmp_path / "bad", shape, tokenizer="nope")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_scale_table_estimates_the_whole_shape_from_measured_blocks():
+    """A run on 2 of 80 blocks: the table's estimate is the measured seconds plus 78 blocks at the measured mean,
+    and says it is an estimate; CUDA peaks get a column."""
+    from minquant.bench.scale import table
+
+    run = {"seconds": 100.0, "peak_rss": 9e9, "baseline_rss": 1e9, "cuda_peak": 30e9,
+           "report": {"block_seconds": [30.0, 40.0], "hidden_states_bytes": 1e9}}
+    record = {"protocol": {"calibration": "C4, 128 x 512 tokens", "grid": "W4 g128"},
+              "machine": {"cpu": "x", "cores": 16, "gpu": "NVIDIA H200"},
+              "results": {"model": {"shape": "llama-3-70b", "dtype": "bf16", "model": 7.6e9, "largest_block": 1.7e9,
+                                    "blocks": 2, "embeddings": 4.2e9, "shape_blocks": 80},
+                          "gptq": {"stream": run, "target": {"budget_above_baseline": 10e9, "within_budget": True}}}}
+    text = table(record)
+    assert "| GPTQ | streamed | 100 | 35.0 | 9.00 GB | 8.00 GB | 30.00 GB | 10.00 GB (met) |" in text
+    assert "GPTQ on all 80 blocks of llama-3-70b, estimated (not measured): 47 min" in text  # 100 + 78 x 35 s = 47.2 min
 
 @pytest.mark.slow
 def test_streamed_peak_memory_is_a_block_not_the_model(tmp_path):

@@ -48,7 +48,7 @@ BENCHMARKS = {
                        ("model", "device", "n_samples", "seqlen", "max_windows")),
     "demo": Benchmark("demo", "demo_smollm2", "what make demo measures", ("model", "max_windows")),
     "scale": Benchmark("scale", "scale_*", "a model bigger than memory: streamed quantization, peak memory, bit for bit",
-                       ("shape", "device", "methods", "n_samples", "seqlen")),
+                       ("shape", "device", "methods", "n_samples", "seqlen", "blocks", "tokenizer")),
 }
 
 
