@@ -346,7 +346,7 @@ def test_scale_model_cut_to_its_first_blocks(tmp_path, minilm_tokenizer):
 
 def test_scale_table_estimates_the_whole_shape_from_measured_blocks():
     """A run on 2 of 80 blocks: the table's estimate is the measured seconds plus 78 blocks at the measured mean,
-    and says it is an estimate; CUDA peaks get a column."""
+    and says it is an estimate; "below half the model" is the whole shape's half; CUDA peaks get a column."""
     from minquant.bench.scale import table
 
     run = {"seconds": 100.0, "peak_rss": 9e9, "baseline_rss": 1e9, "cuda_peak": 30e9,
@@ -354,11 +354,13 @@ def test_scale_table_estimates_the_whole_shape_from_measured_blocks():
     record = {"protocol": {"calibration": "C4, 128 x 512 tokens", "grid": "W4 g128"},
               "machine": {"cpu": "x", "cores": 16, "gpu": "NVIDIA H200"},
               "results": {"model": {"shape": "llama-3-70b", "dtype": "bf16", "model": 7.6e9, "largest_block": 1.7e9,
-                                    "blocks": 2, "embeddings": 4.2e9, "shape_blocks": 80},
+                                    "blocks": 2, "embeddings": 4.2e9, "shape_blocks": 80,
+                                    "shape_model": 7.6e9 + 78 * 1.7e9},
                           "gptq": {"stream": run, "target": {"budget_above_baseline": 10e9, "within_budget": True}}}}
     text = table(record)
-    assert "| GPTQ | streamed | 100 | 35.0 | 9.00 GB | 8.00 GB | 30.00 GB | 10.00 GB (met) |" in text
+    assert "| GPTQ | streamed | 100 | 35.0 | 9.00 GB | 8.00 GB | 30.00 GB | 10.00 GB (met) | yes |" in text  # < 140.2 / 2
     assert "GPTQ on all 80 blocks of llama-3-70b, estimated (not measured): 47 min" in text  # 100 + 78 x 35 s = 47.2 min
+    assert "(the whole model: 140.2 GB" in text
 
 @pytest.mark.slow
 def test_streamed_peak_memory_is_a_block_not_the_model(tmp_path):
