@@ -165,7 +165,10 @@ def run_child(mode: str, method: str, src: Path, out: Path, n_samples: int, seql
     cmd = [sys.executable, "-m", "minquant.bench.scale", mode, method, str(src), str(out), str(n_samples), str(seqlen),
            device, str(batch_size)]
     print(f"{mode} {method} ...", flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
+    # the runs are compared bit for bit, so MKL is asked for results that are the same from run to run: by default
+    # they may depend on how the allocator aligned the arrays (Intel's "conditional numerical reproducibility")
+    env = os.environ | {"TQDM_DISABLE": "1", "MKL_CBWR": os.environ.get("MKL_CBWR", "AUTO,STRICT")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     record = json.loads(done.stdout.strip().splitlines()[-1])
