@@ -173,9 +173,9 @@ def run_child(mode: str, method: str, src: Path, out: Path, n_samples: int, seql
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     record = json.loads(done.stdout.strip().splitlines()[-1])
     per_block = record["report"].get("block_seconds")
-    print(f"  {record['seconds']:.1f} s" + (f" ({sum(per_block) / len(per_block):.1f} s / block)" if per_block else "")
-          + ", peak RSS "
-          f"{record['peak_rss'] / 1e9:.2f} GB (after imports {record['baseline_rss'] / 1e9:.2f} GB)"
+    print(f"  {record['seconds']:.1f} s"
+          + (f" ({sum(per_block) / len(per_block):.1f} s / block)" if per_block else "")
+          + f", peak RSS {record['peak_rss'] / 1e9:.2f} GB (after imports {record['baseline_rss'] / 1e9:.2f} GB)"
           + (f", CUDA peak {record['cuda_peak'] / 1e9:.2f} GB" if "cuda_peak" in record else ""), flush=True)
     return record
 
@@ -202,7 +202,8 @@ def run(out: Path | None = None, shape: str | None = None, dtype: str | None = N
     from minquant.bench.results import RESULTS_DIR, save_results
     from minquant.cache import cache_root
 
-    shape = shape or ("cpu-3gb" if device == "cpu" else "llama-3-8b")
+    default_shape = "cpu-3gb" if device == "cpu" else "llama-3-8b"
+    shape = shape or default_shape
     if shape not in SHAPES:
         raise ValueError(f"shape {shape!r}: one of {', '.join(SHAPES)}")
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
@@ -224,7 +225,7 @@ def run(out: Path | None = None, shape: str | None = None, dtype: str | None = N
     results = {"model": {"shape": shape, "dtype": dtype, **sizes, "shape_blocks": full, "make_seconds": made}}
     gpu = torch.cuda.get_device_name() if device != "cpu" and torch.cuda.is_available() else None
     name = "scale_" + (re.sub(r"[^a-z0-9]+", "_", gpu.lower()).strip("_") if gpu else "cpu")
-    if shape != ("cpu-3gb" if device == "cpu" else "llama-3-8b"):
+    if shape != default_shape:
         name += "_" + re.sub(r"[^a-z0-9]+", "_", shape)
     protocol = {"calibration": f"C4, {n_samples} x {seqlen} tokens (GPTQ, AWQ), 4 windows per batch",
                 "grid": "W4 g128 asymmetric",
@@ -293,12 +294,13 @@ def table(record: dict) -> str:
         run = r[method]["stream"]
         per_block = run["report"].get("block_seconds") or []
         if per_block:
-            estimate = run["seconds"] + (full - m["blocks"]) * sum(per_block) / len(per_block)
+            mean = sum(per_block) / len(per_block)
+            estimate = run["seconds"] + (full - m["blocks"]) * mean
             lines.append(f"\n{method.upper()} on all {full} blocks of {m['shape']}, estimated (not measured): "
                          f"{estimate / 60:.0f} min (the {run['seconds']:.0f} s measured on {m['blocks']} blocks, plus "
-                         f"{full - m['blocks']} more at their mean {sum(per_block) / len(per_block):.1f} s); its peak "
-                         f"memory is the one measured, since one block is held at a time and every block is the same size (the whole "
-                         f"model: {m['shape_model'] / 1e9:.1f} GB, whose half the table's \"below half\" compares with).")
+                         f"{full - m['blocks']} more at their mean {mean:.1f} s); its peak memory is the one measured, "
+                         "since one block is held at a time and every block is the same size (the whole model: "
+                         f"{m['shape_model'] / 1e9:.1f} GB, whose half the table's \"below half\" compares with).")
     return "\n".join(lines)
 
 
